@@ -1,0 +1,246 @@
+"""config.yaml: schema, validation and the resolved settings the addon runs on.
+
+Each YAML section is a frozen dataclass; its fields are the section's keys, their annotations the accepted types and
+their metadata the allowed ranges. `load_config` checks a file against that schema and raises `ConfigError` naming the
+offending key, so a typo stops start-up instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from retry_policy import RetryPolicy
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.yaml")
+ENV_API_KEY = "SEAKING_API_KEY"
+ENV_ACCESS_KEY = "SEAKING_ACCESS_KEY"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key and what is wrong with it."""
+
+
+def _range(low: float | None = None, high: float | None = None) -> dict:
+    return {"low": low, "high": high}
+
+
+@dataclass(frozen=True)
+class TargetProxySection:
+    url: str | None = None
+    api_key: str | None = None
+    timeout: float = field(default=30, metadata=_range(low=0.001))
+    # max_retries and retry_delay are the same settings as error_handling.max_retries and error_handling.base_delay:
+    # the product spec names them twice. Either spelling may be used; if both are given they must agree.
+    max_retries: int | None = field(default=None, metadata=_range(low=0))
+    retry_delay: float | None = field(default=None, metadata=_range(low=0))
+    retry_backoff: float = field(default=2, metadata=_range(low=1))
+
+
+@dataclass(frozen=True)
+class ErrorHandlingSection:
+    retry_codes: tuple[int, ...] = (429, 500, 502, 503, 504)
+    fail_codes: tuple[int, ...] = (400, 401, 403)
+    max_retries: int | None = field(default=None, metadata=_range(low=0))
+    base_delay: float | None = field(default=None, metadata=_range(low=0))
+    max_delay: float = field(default=60, metadata=_range(low=0))
+    deadline: float = field(default=300, metadata=_range(low=0.001))
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    access_key: str | None = None
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_range(low=1))
+
+
+@dataclass(frozen=True)
+class ModelsSection:
+    fallback: tuple[str, ...] = ()
+    cache_file: str | None = None  # default: $XDG_CACHE_HOME/seaking-proxy/models.json
+
+
+@dataclass(frozen=True)
+class Config:
+    target_proxy: TargetProxySection = TargetProxySection()
+    error_handling: ErrorHandlingSection = ErrorHandlingSection()
+    server: ServerSection = ServerSection()
+    models: ModelsSection = ModelsSection()
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            retry_codes=frozenset(self.error_handling.retry_codes),
+            fail_codes=frozenset(self.error_handling.fail_codes),
+            max_retries=self.error_handling.max_retries,
+            base_delay=self.error_handling.base_delay,
+            backoff=self.target_proxy.retry_backoff,
+            max_delay=self.error_handling.max_delay,
+            deadline=self.error_handling.deadline,
+            per_try_timeout=self.target_proxy.timeout,
+        )
+
+    @property
+    def models_cache_path(self) -> Path:
+        if self.models.cache_file:
+            return Path(self.models.cache_file).expanduser()
+        cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(cache_home) / "seaking-proxy" / "models.json"
+
+
+# Defaults for the settings the spec spells twice; applied after the two spellings are reconciled.
+_TWIN_KEYS = {
+    # (target_proxy key, error_handling key): default
+    ("max_retries", "max_retries"): 3,
+    ("retry_delay", "base_delay"): 1,
+}
+
+
+def load_config(path: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"seaking_config: cannot read {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"seaking_config: {path} is not valid YAML: {e}") from None
+    return parse_config(raw if raw is not None else {}, environ)
+
+
+def parse_config(raw: object, environ: Mapping[str, str] = os.environ) -> Config:
+    """Validate a parsed YAML document; environment variables override the keys."""
+    config = _build(Config, raw, "")
+    config = _reconcile_twin_keys(config)
+    config = _apply_environment(config, environ)
+    _check_relations(config)
+    return config
+
+
+def _build(cls: type, data: object, prefix: str):
+    if not isinstance(data, Mapping):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: must be a mapping of keys, got {_type_name(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known keys here: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data[name], key + ".")
+        else:
+            values[name] = _check_value(key, hint, data[name], f.metadata)
+    return cls(**values)
+
+
+def _check_value(key: str, hint, value, limits: Mapping):
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: must not be empty")
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if typing.get_origin(base) is tuple:
+        item_type = typing.get_args(base)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list of {item_type.__name__}, got {_type_name(value)}")
+        return tuple(_check_scalar(f"{key}[{i}]", item_type, item, limits) for i, item in enumerate(value))
+    return _check_scalar(key, base, value, limits)
+
+
+def _check_scalar(key: str, expected: type, value, limits: Mapping):
+    # bool is an int in Python, but `timeout: true` is a mistake, not 1 second.
+    if isinstance(value, bool) or not isinstance(value, _ACCEPTED[expected]):
+        raise ConfigError(f"{key}: must be {_DESCRIBED[expected]}, got {_type_name(value)} {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    low, high = limits.get("low"), limits.get("high")
+    if low is not None and value < low:
+        raise ConfigError(f"{key}: must be at least {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: must be at most {high:g}, got {value!r}")
+    return value
+
+
+_ACCEPTED = {int: int, float: (int, float), str: str}
+_DESCRIBED = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def _type_name(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _reconcile_twin_keys(config: Config) -> Config:
+    target, handling = config.target_proxy, config.error_handling
+    for (target_key, handling_key), default in _TWIN_KEYS.items():
+        a, b = getattr(target, target_key), getattr(handling, handling_key)
+        if a is not None and b is not None and a != b:
+            raise ConfigError(
+                f"target_proxy.{target_key} ({a!r}) and error_handling.{handling_key} ({b!r}) are the same setting "
+                f"and disagree: set one of them, or both to the same value"
+            )
+        value = a if a is not None else b if b is not None else default
+        target = dataclasses.replace(target, **{target_key: value})
+        handling = dataclasses.replace(handling, **{handling_key: value})
+    return dataclasses.replace(config, target_proxy=target, error_handling=handling)
+
+
+def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    if environ.get(ENV_API_KEY):
+        config = dataclasses.replace(
+            config, target_proxy=dataclasses.replace(config.target_proxy, api_key=environ[ENV_API_KEY])
+        )
+    if environ.get(ENV_ACCESS_KEY):
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, access_key=environ[ENV_ACCESS_KEY])
+        )
+    return config
+
+
+def _check_relations(config: Config) -> None:
+    url = config.target_proxy.url
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"target_proxy.url: must be an http:// or https:// URL with a host, got {url!r}")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"target_proxy.url: must not have a query or fragment, got {url!r}")
+    handling = config.error_handling
+    for key in ("retry_codes", "fail_codes"):
+        for code in getattr(handling, key):
+            if not 100 <= code <= 599:
+                raise ConfigError(f"error_handling.{key}: {code} is not an HTTP status code (100-599)")
+    both = sorted(set(handling.retry_codes) & set(handling.fail_codes))
+    if both:
+        raise ConfigError(
+            f"error_handling.retry_codes and error_handling.fail_codes: {both} cannot be both retried and failed fast"
+        )
+    if handling.base_delay > handling.max_delay:
+        raise ConfigError(
+            f"error_handling.base_delay ({handling.base_delay:g}) is larger than error_handling.max_delay "
+            f"({handling.max_delay:g})"
+        )
+    for key, secret in (("target_proxy.api_key", config.target_proxy.api_key), ("server.access_key", config.server.access_key)):
+        if secret is not None and (not secret.strip() or any(c in secret for c in "\r\n")):
+            raise ConfigError(f"{key}: must be a non-empty single-line string")
+    if config.server.access_key and not config.target_proxy.api_key:
+        raise ConfigError(
+            "server.access_key: needs target_proxy.api_key as well: clients then send the access key, "
+            "so the proxy must hold the upstream key itself"
+        )

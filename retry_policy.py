@@ -1,0 +1,230 @@
+"""What is worth retrying, how long to wait, and when to give up. Pure: no I/O, unit-tested alone.
+
+`classify_response` and `classify_exception` turn one upstream attempt into a `Classification`. `run_with_retries`
+drives attempts through tenacity, composed from small strategies: retry while the verdict is RETRY, wait what the
+upstream asked for (Retry-After) or else jittered exponential back-off, stop after max_retries or when the next wait
+would pass the request's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import json
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, stop_before_delay
+from tenacity.wait import wait_base, wait_random_exponential
+
+
+class Verdict(enum.Enum):
+    SUCCESS = "success"  # a good answer: give it to the client
+    PASS_THROUGH = "pass_through"  # not ours to judge (404, 422, ...): give it to the client as received
+    FAIL_FAST = "fail_fast"  # retrying cannot help (bad key, bad request): answer now
+    RETRY = "retry"  # another attempt may succeed
+
+
+class Failure(enum.Enum):
+    """Why a RETRY attempt failed; decides the status the client gets if every attempt fails so."""
+
+    STATUS = "status"  # the upstream answered a retry code (429, 503, ...)
+    NETWORK = "network"  # refused, DNS failure, reset before or while reading the answer
+    TIMEOUT = "timeout"  # no response headers within the per-try timeout
+    BROKEN = "broken"  # a 2xx whose body is empty, not JSON, or an error object
+
+
+@dataclass(frozen=True)
+class Classification:
+    verdict: Verdict
+    detail: str = ""  # what happened, for people: logs, error messages, mitmweb comments
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retry_codes: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+    fail_codes: frozenset[int] = frozenset({400, 401, 403})
+    max_retries: int = 3
+    base_delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 60.0
+    deadline: float = 300.0  # all attempts and waits of one request together
+    per_try_timeout: float = 30.0  # connect until response headers, per attempt
+
+    @property
+    def max_attempts(self) -> int:
+        return self.max_retries + 1
+
+
+def classify_response(
+    policy: RetryPolicy, status: int, content_type: str, body: bytes, expects_json: bool
+) -> Classification:
+    """Judge a complete upstream answer. `expects_json`: the endpoint answers JSON (chat, models, ...)."""
+    if status in policy.fail_codes:
+        return Classification(Verdict.FAIL_FAST, f"upstream answered {status}")
+    if status in policy.retry_codes:
+        return Classification(Verdict.RETRY, f"upstream answered {status}", Failure.STATUS)
+    if not 200 <= status < 300:
+        return Classification(Verdict.PASS_THROUGH, f"upstream answered {status}")
+    if not (expects_json or "json" in content_type.lower()):
+        return Classification(Verdict.SUCCESS)
+    if not body.strip():
+        return Classification(Verdict.RETRY, f"upstream answered {status} with an empty body", Failure.BROKEN)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return Classification(Verdict.RETRY, f"upstream answered {status} with a body that is not JSON", Failure.BROKEN)
+    if isinstance(document, dict) and document.get("error"):
+        return Classification(
+            Verdict.RETRY, f"upstream answered {status} with an error: {error_message(document)}", Failure.BROKEN
+        )
+    return Classification(Verdict.SUCCESS)
+
+
+def classify_exception(exc: BaseException) -> Classification:
+    """Judge an attempt that raised before a complete answer arrived. Unknown exceptions are bugs: re-raised."""
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return Classification(Verdict.RETRY, "no response from upstream in time", Failure.TIMEOUT)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        reason = os.strerror(os_error.errno) if os_error and os_error.errno else str(os_error or exc)
+        return Classification(
+            Verdict.RETRY, f"cannot connect to upstream {exc.host}:{exc.port} ({reason})", Failure.NETWORK
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return Classification(Verdict.RETRY, "upstream closed the connection without answering", Failure.NETWORK)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return Classification(Verdict.RETRY, "upstream broke off its answer", Failure.NETWORK)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return Classification(Verdict.RETRY, f"upstream sent an invalid HTTP answer ({exc.message})", Failure.BROKEN)
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return Classification(Verdict.RETRY, f"network error talking to upstream ({exc})", Failure.NETWORK)
+    raise exc
+
+
+def error_message(document: Mapping) -> str:
+    """The human message of an OpenAI-style error document, whatever shape the upstream gave it."""
+    error = document.get("error")
+    if isinstance(error, Mapping):
+        message = error.get("message") or error.get("code") or error.get("type")
+        return str(message) if message else json.dumps(error)[:200]
+    if isinstance(error, str):
+        return error
+    for key in ("message", "detail"):
+        if isinstance(document.get(key), str):
+            return document[key]
+    return json.dumps(document)[:200]
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """How long the upstream asked us to wait: retry-after-ms, or Retry-After as seconds or an HTTP date."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if "retry-after-ms" in lowered:
+        try:
+            return _non_negative(float(lowered["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return _non_negative(float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return _non_negative(when.timestamp() - (time.time() if now is None else now))
+
+
+def _non_negative(seconds: float) -> float | None:
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class Attempt(Protocol):
+    @property
+    def classification(self) -> Classification: ...
+
+    @property
+    def retry_after(self) -> float | None: ...
+
+
+A = TypeVar("A", bound=Attempt)
+
+
+class wait_retry_after(wait_base):
+    """Wait as long as the upstream's Retry-After asks; without one, use the fallback strategy."""
+
+    def __init__(self, fallback: wait_base) -> None:
+        self.fallback = fallback
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed and outcome.result().retry_after is not None:
+            return outcome.result().retry_after
+        return self.fallback(retry_state)
+
+
+def _is_retryable(attempt: Attempt) -> bool:
+    return attempt.classification.verdict is Verdict.RETRY
+
+
+class StopReason(enum.Enum):
+    ANSWERED = "answered"  # the last attempt was not worth retrying: success, fail-fast or pass-through
+    ATTEMPTS = "attempts"  # max_retries used up
+    DEADLINE = "deadline"  # the next wait would have passed the deadline
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[A]):
+    last: A
+    attempts: int
+    stopped: StopReason
+    refused_wait: float | None = None  # with DEADLINE: the wait that would have passed it
+
+
+async def run_with_retries(
+    policy: RetryPolicy,
+    attempt: Callable[[float], Awaitable[A]],
+    on_retry: Callable[[A, int, float], None] = lambda last, number, wait: None,
+) -> Outcome[A]:
+    """Call `attempt(deadline_at)` until it is worth no retry, attempts run out, or the deadline would be passed.
+
+    `deadline_at` is a time.monotonic() instant the attempt must not outlive. Attempts report failures in their
+    classification instead of raising. `on_retry(last, attempt_number, wait)` runs before each back-off wait.
+    """
+    deadline_at = time.monotonic() + policy.deadline
+
+    def give_up(state: RetryCallState) -> Outcome[A]:
+        at_limit = state.attempt_number >= policy.max_attempts
+        return Outcome(
+            last=state.outcome.result(),
+            attempts=state.attempt_number,
+            stopped=StopReason.ATTEMPTS if at_limit else StopReason.DEADLINE,
+            refused_wait=None if at_limit else state.upcoming_sleep,
+        )
+
+    retrying = AsyncRetrying(
+        retry=retry_if_result(_is_retryable),
+        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.deadline),
+        wait=wait_retry_after(
+            fallback=wait_random_exponential(multiplier=policy.base_delay, exp_base=policy.backoff, max=policy.max_delay)
+        ),
+        before_sleep=lambda state: on_retry(state.outcome.result(), state.attempt_number, state.upcoming_sleep),
+        retry_error_callback=give_up,
+    )
+    result = await retrying(attempt, deadline_at)
+    if isinstance(result, Outcome):
+        return result
+    return Outcome(last=result, attempts=retrying.statistics["attempt_number"], stopped=StopReason.ANSWERED)
+
