@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -165,6 +166,19 @@ class Delayed:
     async def __call__(self, request, received) -> web.StreamResponse:
         await asyncio.sleep(self.seconds)
         return await self.then(request, received)
+
+
+@dataclass
+class Sometimes:
+    """Answer as `fault` with probability `chance`, else normally: a flaky upstream for load tests."""
+
+    chance: float
+    fault: object
+    rng: random.Random = field(default_factory=lambda: random.Random(1234))
+
+    async def __call__(self, request, received) -> web.StreamResponse:
+        chosen = self.fault if self.rng.random() < self.chance else Good()
+        return await chosen(request, received)
 
 
 # --- OpenAI shapes -----------------------------------------------------------------------------------------------

@@ -1,0 +1,263 @@
+"""A real SillyTavern 1.19.0, headless on 127.0.0.1, for tests that check what its users would see.
+
+Tests drive SillyTavern's own backend API (the calls its browser page makes), so whatever SillyTavern's server does with
+an upstream's answers (copying statuses, piping SSE, hanging on a dropped stream) is exercised for real:
+
+    root = await ensure_installed()          # npm install once into a cache; SillyTavernUnavailable if offline
+    async with SillyTavern(tmp_path) as st:
+        await st.store_key("sk-test")
+        status, reason, body = await st.generate(proxy_url + "/v1", stream=True, timeout=10)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from pathlib import Path
+
+import aiohttp
+
+VERSION = "1.19.0"
+INSTALL_TIMEOUT = 600  # seconds; a cold npm install takes about one minute
+START_TIMEOUT = 120  # the first start builds the frontend bundle (~35 s)
+STOP_GRACE = 5
+
+# npm's error codes and messages when the registry cannot be reached.
+_NETWORK_ERRORS = (
+    "ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH",
+    "ERR_SOCKET_TIMEOUT", "network request", "socket hang up", "self signed certificate", "E502", "E503", "E504",
+)
+
+
+class SillyTavernUnavailable(Exception):
+    """npm could not fetch SillyTavern (no network, registry down): tests should skip, not fail."""
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "seaking-proxy" / f"sillytavern-{VERSION}"
+    return Path(os.environ.get("SEAKING_ST_CACHE") or default)
+
+
+def _installed_version(root: Path) -> str | None:
+    try:
+        return json.loads((root / "node_modules" / "sillytavern" / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+async def _kill_group(process: asyncio.subprocess.Process, grace: float = STOP_GRACE) -> None:
+    """SIGTERM the process's group (node and anything it spawned), SIGKILL it if it outlives `grace`."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        if process.returncode is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            await asyncio.wait_for(process.wait(), wait)
+        except TimeoutError:
+            continue
+
+
+async def ensure_installed() -> Path:
+    """The directory whose node_modules holds sillytavern@VERSION, installing it first if needed."""
+    root = cache_dir()
+    if _installed_version(root) == VERSION:
+        return root
+    npm = shutil.which("npm")
+    if npm is None:
+        # Not a network problem: a machine without Node must fail loudly rather than skip these tests forever.
+        raise RuntimeError("npm is not on PATH: install Node.js (20 or later) to run the SillyTavern tests")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Install beside the cache and rename it into place, so an interrupted install never looks like a finished one.
+    staging = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=root.parent))
+    try:
+        # Without a package.json here npm would install into the nearest parent directory that has one.
+        (staging / "package.json").write_text('{"name": "seaking-st-cache", "private": true}\n')
+        process = await asyncio.create_subprocess_exec(
+            npm, "install", "--no-audit", "--no-fund", f"sillytavern@{VERSION}",
+            cwd=staging, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), INSTALL_TIMEOUT)
+        except TimeoutError:
+            raise SillyTavernUnavailable(f"npm install sillytavern@{VERSION} took over {INSTALL_TIMEOUT} s") from None
+        finally:
+            await _kill_group(process)  # a cancelled test must not leave npm running
+        log = output.decode(errors="replace")
+        tail = "\n".join(log.splitlines()[-30:])
+        if process.returncode != 0:
+            if any(marker in log for marker in _NETWORK_ERRORS):
+                raise SillyTavernUnavailable(f"npm could not reach its registry:\n{tail}")
+            raise RuntimeError(f"npm install sillytavern@{VERSION} failed (exit {process.returncode}):\n{tail}")
+        if _installed_version(staging) != VERSION:
+            raise RuntimeError(f"npm install finished but installed no sillytavern {VERSION}:\n{tail}")
+        if root.exists() and _installed_version(root) != VERSION:
+            shutil.rmtree(root)  # a stale or broken cache from an older layout
+        try:
+            staging.rename(root)
+        except OSError:
+            if _installed_version(root) != VERSION:  # else another test process installed it first: use theirs
+                raise
+        return root
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(data_root: Path, port: int) -> str:
+    config = {
+        "dataRoot": str(data_root),
+        "listen": False,
+        "port": port,
+        "protocol": {"ipv4": True, "ipv6": False},
+        "dnsPreferIPv6": False,
+        "browserLaunch": {"enabled": False},
+        "whitelistMode": True,
+        "whitelist": ["127.0.0.1"],
+        "basicAuthMode": False,
+        "enableUserAccounts": False,
+        "skipContentCheck": True,
+        "enableDownloadableTokenizers": False,
+        "extensions": {"enabled": False, "autoUpdate": False, "models": {"autoDownload": False}},
+        "enableServerPlugins": False,
+    }
+    return json.dumps(config, indent=2) + "\n"  # JSON is YAML, and needs no yaml package
+
+
+class SillyTavern:
+    """One SillyTavern server with its own data in `workdir`, and a logged-in client session to it."""
+
+    def __init__(self, workdir: Path, start_timeout: float = START_TIMEOUT) -> None:
+        self.workdir = Path(workdir)
+        self.start_timeout = start_timeout
+        self.log_path = self.workdir / "sillytavern.log"
+        self.port: int | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> SillyTavern:
+        root = await ensure_installed()
+        try:
+            await self._start(root / "node_modules" / "sillytavern")
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _start(self, package: Path) -> None:
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("node is not on PATH: install Node.js (20 or later) to run the SillyTavern tests")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        config_path = self.workdir / "sillytavern-config.yaml"
+        config_path.write_text(_config(self.workdir / "sillytavern-data", self.port))
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self._process = await asyncio.create_subprocess_exec(
+                node, str(package / "server.js"), "--configPath", str(config_path),
+                cwd=package, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )
+        # unsafe=True: aiohttp's default jar drops cookies set by an IP-address host, and the CSRF token is bound to one.
+        self._session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        while loop.time() < deadline:
+            if self._process.returncode is not None:
+                raise RuntimeError(f"SillyTavern exited with {self._process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                async with self._session.get(self.url + "/csrf-token", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    if response.status == 200:
+                        self._token = (await response.json())["token"]
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # not listening yet
+            await asyncio.sleep(0.25)
+        raise RuntimeError(f"SillyTavern did not answer /csrf-token within {self.start_timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._process is not None:
+            await _kill_group(self._process)
+            self._process = None
+
+    async def _post(self, path: str, payload: dict, timeout: float) -> tuple[int, str, bytes]:
+        """POST as SillyTavern's page does; the whole answer must arrive within `timeout` (else TimeoutError)."""
+        assert self._session is not None, "use SillyTavern as an async context manager"
+        async with asyncio.timeout(timeout):
+            async with self._session.post(
+                self.url + path, json=payload, headers={"X-CSRF-Token": self._token},
+                timeout=aiohttp.ClientTimeout(total=None),  # asyncio.timeout above bounds it
+            ) as response:
+                return response.status, response.reason or "", await response.read()
+
+    async def store_key(self, value: str, timeout: float = 30) -> None:
+        """Save the Custom endpoint's API key, as the key field in API Connections does."""
+        status, reason, body = await self._post("/api/secrets/write", {"key": "api_key_custom", "value": value}, timeout)
+        if status != 200:
+            raise RuntimeError(f"storing the key failed: {status} {reason}: {body[:500]!r}")
+
+    async def list_models(self, custom_url: str, timeout: float = 30) -> tuple[int, object]:
+        """The "Connect" button: SillyTavern fetches {custom_url}/models. Returns (status, JSON or text)."""
+        payload = {"chat_completion_source": "custom", "custom_url": custom_url, "custom_include_headers": ""}
+        status, _, body = await self._post("/api/backends/chat-completions/status", payload, timeout)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body.decode(errors="replace")
+
+    async def generate(
+        self, custom_url: str, model: str = "model-a", stream: bool = False, messages: list[dict] | None = None,
+        timeout: float = 30, extra: dict | None = None,
+    ) -> tuple[int, str, bytes]:
+        """A chat turn with the Custom source: (status, reason, body). A stream is read until SillyTavern ends it."""
+        payload = {
+            "messages": messages if messages is not None else [{"role": "user", "content": "Hello"}],
+            "model": model,
+            "temperature": 1,
+            "frequency_penalty": 0,
+            "presence_penalty": 0,
+            "top_p": 1,
+            "max_tokens": 300,
+            "stream": stream,
+            "logit_bias": {},
+            "chat_completion_source": "custom",
+            "user_name": "User",
+            "char_name": "Assistant",
+            "custom_url": custom_url,
+            "custom_include_body": "",
+            "custom_exclude_body": "",
+            "custom_include_headers": "",
+            "custom_prompt_post_processing": "",
+            **(extra or {}),
+        }
+        return await self._post("/api/backends/chat-completions/generate", payload, timeout)

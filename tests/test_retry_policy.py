@@ -1,0 +1,221 @@
+"""retry_policy alone: classification, Retry-After, back-off bounds and stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from tenacity import RetryCallState
+
+from retry_policy import (
+    Classification,
+    Failure,
+    RetryPolicy,
+    StopReason,
+    Verdict,
+    classify_exception,
+    classify_response,
+    error_message,
+    retry_after_seconds,
+    run_with_retries,
+    wait_retry_after,
+)
+from tenacity.wait import wait_random_exponential
+
+POLICY = RetryPolicy()
+
+
+def verdict(status, body=b'{"ok": true}', content_type="application/json", expects_json=True):
+    return classify_response(POLICY, status, content_type, body, expects_json)
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_retry_codes_retry(status):
+    result = verdict(status)
+    assert (result.verdict, result.failure) == (Verdict.RETRY, Failure.STATUS)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_fail_codes_fail_fast(status):
+    assert verdict(status).verdict is Verdict.FAIL_FAST
+
+
+@pytest.mark.parametrize("status", [301, 404, 409, 422, 501])
+def test_other_statuses_pass_through(status):
+    assert verdict(status).verdict is Verdict.PASS_THROUGH
+
+
+def test_codes_come_from_the_policy():
+    policy = RetryPolicy(retry_codes=frozenset({404}), fail_codes=frozenset({503}))
+    assert classify_response(policy, 404, "", b"", False).verdict is Verdict.RETRY
+    assert classify_response(policy, 503, "", b"", False).verdict is Verdict.FAIL_FAST
+    assert classify_response(policy, 429, "", b"", False).verdict is Verdict.PASS_THROUGH
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [(b"", "empty"), (b"  \n", "empty"), (b"{not json", "not JSON"), (b'{"error": {"message": "overloaded"}}', "overloaded"),
+     (b'{"error": "quota"}', "quota")],
+)
+def test_broken_2xx_json_is_retryable(body, why):
+    result = verdict(200, body)
+    assert (result.verdict, result.failure) == (Verdict.RETRY, Failure.BROKEN)
+    assert why in result.detail
+
+
+@pytest.mark.parametrize("body", [b'{"choices": []}', b"[]", b'{"error": null, "data": []}', b'"text"'])
+def test_good_json_succeeds(body):
+    assert verdict(200, body).verdict is Verdict.SUCCESS
+
+
+def test_json_is_judged_by_content_type_when_the_endpoint_is_unknown():
+    assert verdict(200, b"plain text", "text/plain", expects_json=False).verdict is Verdict.SUCCESS
+    assert verdict(200, b"", "text/plain", expects_json=False).verdict is Verdict.SUCCESS
+    assert verdict(200, b"{bad", "application/json; charset=utf-8", expects_json=False).verdict is Verdict.RETRY
+
+
+def _connector_error(errno: int) -> aiohttp.ClientConnectorError:
+    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
+    return aiohttp.ClientConnectorError(key, OSError(errno, "ignored"))
+
+
+@pytest.mark.parametrize(
+    ("exc", "failure", "words"),
+    [
+        (asyncio.TimeoutError(), Failure.TIMEOUT, "in time"),
+        (_connector_error(111), Failure.NETWORK, "cannot connect to upstream h:1 (Connection refused)"),
+        (aiohttp.ServerDisconnectedError(), Failure.NETWORK, "closed the connection"),
+        (aiohttp.ClientPayloadError("x"), Failure.NETWORK, "broke off"),
+        (ConnectionResetError(104, "reset"), Failure.NETWORK, "network error"),
+        (aiohttp.ClientResponseError(None, (), message="bad status line"), Failure.BROKEN, "bad status line"),
+    ],
+)
+def test_exceptions_are_retryable_network_failures(exc, failure, words):
+    result = classify_exception(exc)
+    assert (result.verdict, result.failure) == (Verdict.RETRY, failure)
+    assert words in result.detail
+
+
+def test_unknown_exceptions_are_bugs_not_retries():
+    with pytest.raises(KeyError):
+        classify_exception(KeyError("bug"))
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"error": {"message": "m", "code": "c"}}, "m"),
+        ({"error": {"code": "rate_limit"}}, "rate_limit"),
+        ({"error": {"param": 1}}, '{"param": 1}'),
+        ({"error": "plain"}, "plain"),
+        ({"message": "top"}, "top"),
+        ({"detail": "fastapi"}, "fastapi"),
+        ({"weird": 1}, '{"weird": 1}'),
+    ],
+)
+def test_error_message_reads_common_shapes(document, message):
+    assert error_message(document) == message
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({}, None),
+        ({"Retry-After": "7"}, 7.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25),
+        ({"retry-after-ms": "soon", "Retry-After": "9"}, 9.0),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00"}, None),  # no zone: not an HTTP date
+    ],
+)
+def test_retry_after_seconds(headers, seconds):
+    assert retry_after_seconds(headers) == seconds
+
+
+def test_retry_after_http_date():
+    now = 1_700_000_000.0
+    assert retry_after_seconds({"Retry-After": email.utils.formatdate(now + 30, usegmt=True)}, now=now) == 30.0
+    assert retry_after_seconds({"Retry-After": email.utils.formatdate(now - 30, usegmt=True)}, now=now) == 0.0
+
+
+@dataclass
+class FakeAttempt:
+    classification: Classification
+    retry_after: float | None = None
+
+
+RETRY = FakeAttempt(Classification(Verdict.RETRY, "503", Failure.STATUS))
+OK = FakeAttempt(Classification(Verdict.SUCCESS))
+
+
+def _state_after(attempt_number: int, attempt) -> RetryCallState:
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt_number
+    state.set_result(attempt)
+    return state
+
+
+def test_backoff_is_jittered_exponential_capped_at_max_delay():
+    policy = RetryPolicy(base_delay=1, backoff=3, max_delay=20)
+    wait = wait_retry_after(wait_random_exponential(multiplier=policy.base_delay, exp_base=policy.backoff, max=policy.max_delay))
+    for attempt_number, ceiling in [(1, 1), (2, 3), (3, 9), (4, 20), (9, 20)]:
+        waits = [wait(_state_after(attempt_number, RETRY)) for _ in range(300)]
+        assert all(0 <= w <= ceiling for w in waits)
+        assert max(waits) > ceiling * 0.8  # full jitter reaches towards the ceiling
+        assert min(waits) < ceiling * 0.2  # ... and down towards zero
+
+
+def test_retry_after_replaces_the_backoff():
+    wait = wait_retry_after(wait_random_exponential(multiplier=1, max=2))
+    assert wait(_state_after(1, FakeAttempt(RETRY.classification, retry_after=45.0))) == 45.0
+
+
+def scripted(*attempts):
+    calls = []
+
+    async def attempt(deadline_at):
+        calls.append(deadline_at)
+        return attempts[min(len(calls), len(attempts)) - 1]
+
+    return attempt, calls
+
+
+FAST = RetryPolicy(base_delay=0, max_delay=0, max_retries=3)
+
+
+async def test_stops_at_the_first_answer_worth_giving():
+    attempt, calls = scripted(RETRY, RETRY, OK)
+    retries = []
+    outcome = await run_with_retries(FAST, attempt, lambda last, n, wait: retries.append(n))
+    assert (outcome.last, outcome.attempts, outcome.stopped) == (OK, 3, StopReason.ANSWERED)
+    assert retries == [1, 2]
+    assert len(calls) == 3
+
+
+async def test_never_more_than_max_retries():
+    attempt, calls = scripted(RETRY)
+    outcome = await run_with_retries(FAST, attempt)
+    assert (outcome.attempts, outcome.stopped, len(calls)) == (4, StopReason.ATTEMPTS, 4)
+
+
+async def test_a_wait_past_the_deadline_stops_before_waiting():
+    policy = RetryPolicy(deadline=5, max_retries=10)
+    attempt, calls = scripted(FakeAttempt(RETRY.classification, retry_after=60))
+    outcome = await asyncio.wait_for(run_with_retries(policy, attempt), 2)
+    assert (outcome.stopped, outcome.refused_wait, len(calls)) == (StopReason.DEADLINE, 60, 1)
+
+
+async def test_attempts_get_the_deadline_instant():
+    policy = RetryPolicy(deadline=42)
+    attempt, calls = scripted(OK)
+    now = time.monotonic()
+    await run_with_retries(policy, attempt)
+    assert 41 < calls[0] - now < 43
