@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -18,7 +18,6 @@ from retry_policy import (
     Classification,
     Outcome,
     RetryPolicy,
-    Verdict,
     classify_exception,
     classify_response,
     retry_after_seconds,
@@ -157,15 +156,3 @@ def describe_history(history: list[UpstreamAttempt], total_seconds: float, final
     path = f"{earlier} → {end}" if earlier else end
     return f"{len(history)} {noun}: {path} in {total_seconds:.1f} s"
 
-
-def is_success(outcome: Outcome[UpstreamAttempt]) -> bool:
-    return outcome.last.classification.verdict is Verdict.SUCCESS
-
-
-def header_value(raw_headers: list[tuple[bytes, bytes]], name: str) -> str | None:
-    wanted = name.lower().encode()
-    return next((v.decode("latin-1") for k, v in raw_headers if k.lower() == wanted), None)
-
-
-def as_mapping(raw_headers: list[tuple[bytes, bytes]]) -> Mapping[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}

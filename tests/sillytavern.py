@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +37,10 @@ _NETWORK_ERRORS = (
 
 class SillyTavernUnavailable(Exception):
     """npm could not fetch SillyTavern (no network, registry down): tests should skip, not fail."""
+
+
+class _PortTaken(RuntimeError):
+    pass
 
 
 def cache_dir() -> Path:
@@ -75,6 +80,9 @@ async def ensure_installed() -> Path:
         # Not a network problem: a machine without Node must fail loudly rather than skip these tests forever.
         raise RuntimeError("npm is not on PATH: install Node.js (20 or later) to run the SillyTavern tests")
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in root.parent.glob(root.name + ".partial-*"):  # left by a killed run; a live one is younger
+        if time.time() - stale.stat().st_mtime > 2 * INSTALL_TIMEOUT:
+            shutil.rmtree(stale, ignore_errors=True)
     # Install beside the cache and rename it into place, so an interrupted install never looks like a finished one.
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=root.parent))
     try:
@@ -127,6 +135,7 @@ def _config(data_root: Path, port: int) -> str:
         "browserLaunch": {"enabled": False},
         "whitelistMode": True,
         "whitelist": ["127.0.0.1"],
+        "whitelistDockerHosts": False,  # else it resolves host.docker.internal at every start
         "basicAuthMode": False,
         "enableUserAccounts": False,
         "skipContentCheck": True,
@@ -154,13 +163,20 @@ class SillyTavern:
         return f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> SillyTavern:
-        root = await ensure_installed()
+        package = (await ensure_installed()) / "node_modules" / "sillytavern"
         try:
-            await self._start(root / "node_modules" / "sillytavern")
+            for attempt in range(3):  # another process may take our free port before node binds it
+                try:
+                    await self._start(package)
+                    return self
+                except _PortTaken:
+                    await self.close()
+                    if attempt == 2:
+                        raise
         except BaseException:
             await self.close()
             raise
-        return self
+        raise AssertionError("unreachable")
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
@@ -172,7 +188,15 @@ class SillyTavern:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         config_path = self.workdir / "sillytavern-config.yaml"
-        config_path.write_text(_config(self.workdir / "sillytavern-data", self.port))
+        data_root = self.workdir / "sillytavern-data"
+        # SillyTavern builds its frontend bundle (~20-35 s) into dist/_webpack in Docker, else into <dataRoot>/_webpack:
+        # share the former so that only the first start on a machine pays, in or out of Docker.
+        shared_bundle = package / "dist" / "_webpack"
+        shared_bundle.mkdir(parents=True, exist_ok=True)
+        data_root.mkdir(exist_ok=True)
+        if not (data_root / "_webpack").exists():
+            (data_root / "_webpack").symlink_to(shared_bundle, target_is_directory=True)
+        config_path.write_text(_config(data_root, self.port))
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self._process = await asyncio.create_subprocess_exec(
                 node, str(package / "server.js"), "--configPath", str(config_path),
@@ -184,7 +208,8 @@ class SillyTavern:
         deadline = loop.time() + self.start_timeout
         while loop.time() < deadline:
             if self._process.returncode is not None:
-                raise RuntimeError(f"SillyTavern exited with {self._process.returncode} while starting:\n{self.log_tail()}")
+                error = _PortTaken if "is already in use" in self.log_tail(5) else RuntimeError
+                raise error(f"SillyTavern exited with {self._process.returncode} while starting:\n{self.log_tail()}")
             try:
                 async with self._session.get(self.url + "/csrf-token", timeout=aiohttp.ClientTimeout(total=5)) as response:
                     if response.status == 200:

@@ -1,0 +1,622 @@
+"""What does it cost to reach an OpenAI-compatible upstream through seaking-proxy? Side by side, in one run.
+
+    /work/main/.venv/bin/python benchmarks/bench.py [--quick] [--out docs/benchmark.md] [--ways direct,seaking-proxy]
+
+--quick shrinks every run so the whole benchmark takes under a minute; without it, a few minutes. The markdown table is
+printed and written to --out together with the raw results as JSON. Nothing is asserted: this measures, it does not test.
+
+Setup. Three kinds of process, so that none steals the others' CPU on a small machine: this one (the aiohttp load
+generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstream; two of them: a clean one and one that
+answers 30 % of chat completions with 503), and the proxy under test, started per way as
+`... --listen-host 127.0.0.1 --listen-port 0`. Every way reaches the same upstream on loopback:
+  direct ............ the client talks to the upstream itself
+  mitmdump .......... plain `mitmdump --mode reverse:<upstream>`, no addon
+  mitmdump-stream ... the same with `--set stream_large_bodies=1`: plain mitmdump buffers whole responses, SSE included,
+                      so this is the baseline for what streaming through mitmproxy can cost
+  seaking-proxy ..... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default retry
+                      settings; only the /models cache file is moved to a temp directory)
+Another way (e.g. a LiteLLM proxy) is one more `Way` in WAYS. Every client keeps its connection alive, and warms it up
+with one request before the measured ones.
+
+What the figures mean:
+  chat, N clients .......... non-streaming chat completions from N clients in a loop, each waiting for its answer:
+                             req/s (successful answers per second of wall time), p50/p99 latency (request sent ->
+                             whole body read).
+  stream, N streams ........ N clients each reading a streamed chat completion ("stream": true; the upstream sends
+                             20 chunks 50 ms apart, then a finish chunk and `data: [DONE]` at once):
+                             TTFT = request sent -> first `data:` line; TTFT overhead = this way's TTFT percentile
+                             minus direct's; chunk gap = time between successive `data:` lines, pooled over all
+                             streams (direct: mean ~45 ms, p99 ~50 ms; a proxy that buffers the response shows a TTFT of
+                             the whole stream, ~1 s, and gaps near 0).
+  failed (clean upstream) .. requests and streams of the runs above that did not end in a 200 with a complete body.
+  proxy RSS ................ resident memory of the proxy process when idle after start-up, and its peak during the
+                             100-stream run (VmHWM after resetting it, else the highest VmRSS sampled every 20 ms).
+  30 % 503 ................. 16 clients against the flaky upstream: success rate (200 with a body) and p50/p99
+                             latency of all answers. Direct shows ~70 %: that is what a client without retries sees.
+  Ratios ................... this way's figure divided by direct's, and by plain mitmdump's, whichever way is better.
+
+Notes:
+  All processes share two cores, so the load generator and the upstream cap the direct figures, and the proxy's figures
+  include some contention. Compare ways within one run; do not compare runs on different machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent  # run with the project's venv python: its mitmdump is next to it
+MITMDUMP = str(BIN / "mitmdump")
+LISTEN = ["--listen-host", "127.0.0.1", "--listen-port", "0"]
+LISTENING = re.compile(r"listening at (?:http://)?127\.0\.0\.1:(\d+)")
+
+STREAM_CHUNKS = 20
+CHUNK_DELAY = 0.05
+FAIL_RATE = 0.3
+STREAM_CONCURRENCY = (1, 16, 100)
+CHAT_CONCURRENCY = (1, 16)
+FAULT_CONCURRENCY = 16
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120)  # longer than any retry schedule of the default config
+
+CHAT_PATH = "/v1/chat/completions"
+HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench-not-a-real-key"}
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+CHAT_BODY = json.dumps({"model": "model-a", "messages": MESSAGES}).encode()
+STREAM_BODY = json.dumps({"model": "model-a", "messages": MESSAGES, "stream": True}).encode()
+
+
+# --- the ways of reaching the upstream ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Way:
+    name: str
+    # argv of the proxy for this upstream URL, given a private temp directory; None: the client goes direct.
+    command: Callable[[str, Path], list[str]] | None = None
+    ready: re.Pattern = LISTENING  # its output says it accepts connections; group 1 is the port
+
+
+def seaking_command(upstream: str, workdir: Path) -> list[str]:
+    config = workdir / "seaking.yaml"
+    # Only the /models cache moves (the user's own cache stays untouched); retries keep their defaults.
+    config.write_text(f"models:\n  cache_file: {json.dumps(str(workdir / 'models.json'))}\n")
+    return [MITMDUMP, "-s", str(REPO / "addon.py"), "--mode", f"reverse:{upstream}", *LISTEN,
+            "--set", f"seaking_config={config}"]
+
+
+WAYS = [
+    Way("direct"),
+    Way("mitmdump", lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN]),
+    Way("mitmdump-stream",
+        lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN, "--set", "stream_large_bodies=1"]),
+    Way("seaking-proxy", seaking_command),
+]
+BASELINES = ("direct", "mitmdump")  # ratios are given against these
+
+
+# --- how much to measure -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    requests: int  # at most this many measured requests (or streams) in a run ...
+    seconds: float  # ... started within this many seconds; those in flight then still finish
+
+
+@dataclass(frozen=True)
+class Plan:
+    chat: dict[int, Budget]
+    stream: dict[int, Budget]
+    faults: Budget
+
+
+FULL = Plan(
+    chat={1: Budget(2000, 4), 16: Budget(20000, 6)},
+    stream={1: Budget(8, 10), 16: Budget(64, 10), 100: Budget(300, 10)},
+    faults=Budget(1200, 15),
+)
+QUICK = Plan(
+    chat={1: Budget(300, 1), 16: Budget(2000, 1.5)},
+    stream={1: Budget(2, 5), 16: Budget(16, 5), 100: Budget(100, 5)},
+    faults=Budget(250, 4),
+)
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+
+class Process:
+    """A child process whose output goes to a log file (a full pipe would stall it), stopped with SIGINT."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEAKING_")}  # measure the config we wrote
+        env["PYTHONUNBUFFERED"] = "1"  # the "listening at" line must reach the log at once
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    async def port(self, ready: re.Pattern, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = ready.search(self.log_path.read_text(errors="replace"))
+            if found:
+                return int(found.group(1))
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not say it was listening within {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+
+async def start(name: str, argv: list[str], workdir: Path, ready: re.Pattern = LISTENING) -> tuple[Process, int]:
+    process = Process(name, argv, workdir)
+    try:
+        return process, await process.port(ready)
+    except BaseException:
+        process.stop()
+        raise
+
+
+def upstream_argv(fail_rate: float) -> list[str]:
+    return [sys.executable, str(HERE / "bench_upstream.py"), "--chunks", str(STREAM_CHUNKS),
+            "--chunk-delay", str(CHUNK_DELAY), "--fail-rate", str(fail_rate)]
+
+
+@contextlib.asynccontextmanager
+async def reach(way: Way, upstream: str, workdir: Path, label: str) -> AsyncIterator[tuple[str, Process | None]]:
+    """The base URL through which `way` reaches `upstream`, and the proxy process if there is one."""
+    if way.command is None:
+        yield upstream, None
+        return
+    process, port = await start(f"{way.name}-{label}", way.command(upstream, workdir), workdir, way.ready)
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        process.stop()
+
+
+# --- memory ------------------------------------------------------------------------------------------------------
+
+
+def status_kib(pid: int, field_name: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Make VmHWM start again from the current RSS (Linux >= 4.0), so it shows this run's peak, not start-up's."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def peak_rss(pid: int, into: dict) -> AsyncIterator[None]:
+    """Puts the process's peak resident memory during the block, in MiB, into into["peak_rss_mib"]."""
+    exact = reset_peak_rss(pid)
+    samples: list[int] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append(status_kib(pid, "VmRSS") or 0)
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        yield
+    finally:
+        sampler.cancel()
+        peak = status_kib(pid, "VmHWM") if exact else None
+        into["peak_rss_mib"] = round((peak or max(samples, default=0)) / 1024, 1)
+        into["peak_rss_source"] = "VmHWM" if peak else "sampled VmRSS"
+
+
+# --- the load generator ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    ok: bool
+    latency: float  # seconds, request sent -> body read (or failure)
+    ttft: float | None = None  # streams: request sent -> first data line
+    gaps: list[float] = field(default_factory=list)  # streams: between successive data lines
+    error: str | None = None
+
+
+async def chat(session: aiohttp.ClientSession, base: str) -> Sample:
+    started = time.perf_counter()
+    try:
+        async with session.post(base + CHAT_PATH, data=CHAT_BODY, headers=HEADERS) as response:
+            body = await response.read()
+            ok = response.status == 200 and b'"choices"' in body
+            error = None if ok else f"HTTP {response.status}"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        ok, error = False, type(e).__name__
+    return Sample(ok, time.perf_counter() - started, error=error)
+
+
+async def stream(session: aiohttp.ClientSession, base: str) -> Sample:
+    started = time.perf_counter()
+    arrivals: list[float] = []
+    done = False
+    error = None
+    try:
+        async with session.post(base + CHAT_PATH, data=STREAM_BODY, headers=HEADERS) as response:
+            if response.status != 200:
+                await response.read()
+                error = f"HTTP {response.status}"
+            else:
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        arrivals.append(time.perf_counter())
+                        done = line.strip() == b"data: [DONE]"
+                if not done:
+                    error = "no [DONE]"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        error = type(e).__name__
+    return Sample(
+        ok=error is None,
+        latency=time.perf_counter() - started,
+        ttft=arrivals[0] - started if arrivals else None,
+        gaps=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+        error=error,
+    )
+
+
+@dataclass
+class Run:
+    samples: list[Sample]
+    seconds: float  # wall time of the measured part
+
+
+async def run_clients(base: str, clients: int, budget: Budget, one: Callable[..., Awaitable[Sample]]) -> Run:
+    """`clients` clients, each on its own keep-alive connection, sending `one` request after another."""
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=CLIENT_TIMEOUT) for _ in range(clients)
+    ]
+    try:
+        # Warm-up: connection set-up (client and proxy side) is not what a long-lived SillyTavern session pays.
+        await asyncio.gather(*(chat(s, base) for s in sessions))
+        samples: list[Sample] = []
+        tickets = iter(range(budget.requests))
+        started = time.perf_counter()
+        stop_at = started + budget.seconds
+
+        async def client(session: aiohttp.ClientSession) -> None:
+            while time.perf_counter() < stop_at and next(tickets, None) is not None:
+                samples.append(await one(session, base))
+
+        await asyncio.gather(*(client(s) for s in sessions))
+        return Run(samples, time.perf_counter() - started)
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+
+
+# --- summaries ---------------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def errors_of(run: Run) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in run.samples:
+        if not s.ok:
+            counts[s.error or "?"] = counts.get(s.error or "?", 0) + 1
+    return counts
+
+
+def summarise_chat(run: Run) -> dict:
+    ok = [s.latency for s in run.samples if s.ok]
+    return {
+        "requests": len(run.samples), "failed": len(run.samples) - len(ok), "errors": errors_of(run),
+        "seconds": round(run.seconds, 3), "rps": round(len(ok) / run.seconds, 1) if run.seconds else None,
+        "p50_ms": ms(percentile(ok, 50)), "p99_ms": ms(percentile(ok, 99)),
+    }
+
+
+def summarise_stream(run: Run) -> dict:
+    ttfts = [s.ttft for s in run.samples if s.ok and s.ttft is not None]
+    gaps = [g for s in run.samples if s.ok for g in s.gaps]
+    ok = len(ttfts)
+    return {
+        "streams": len(run.samples), "failed": len(run.samples) - ok, "errors": errors_of(run),
+        "seconds": round(run.seconds, 3),
+        "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p99_ms": ms(percentile(ttfts, 99)),
+        "gap_mean_ms": ms(sum(gaps) / len(gaps)) if gaps else None, "gap_p99_ms": ms(percentile(gaps, 99)),
+        "duration_p50_ms": ms(percentile([s.latency for s in run.samples if s.ok], 50)),
+    }
+
+
+def summarise_faults(run: Run) -> dict:
+    latencies = [s.latency for s in run.samples]
+    ok = sum(s.ok for s in run.samples)
+    return {
+        "requests": len(run.samples), "errors": errors_of(run), "seconds": round(run.seconds, 3),
+        "success_pct": round(100 * ok / len(run.samples), 1) if run.samples else None,
+        "p50_ms": ms(percentile(latencies, 50)), "p99_ms": ms(percentile(latencies, 99)),
+    }
+
+
+def add_ttft_overheads(results: dict[str, dict]) -> None:
+    """TTFT overhead is relative to direct, so it is computed once every way has run."""
+    direct = results.get("direct", {})
+    for measured in results.values():
+        for key, summary in measured.items():
+            base = direct.get(key)
+            if not key.startswith("stream_") or not base:
+                continue
+            for q in ("p50", "p99"):
+                mine, theirs = summary.get(f"ttft_{q}_ms"), base.get(f"ttft_{q}_ms")
+                summary[f"ttft_overhead_{q}_ms"] = None if mine is None or theirs is None else round(mine - theirs, 2)
+
+
+# --- one way, all runs -------------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def measure_way(way: Way, clean: str, flaky: str, plan: Plan, workdir: Path) -> dict:
+    results: dict = {}
+    async with reach(way, clean, workdir, "clean") as (base, proxy):
+        if proxy:
+            await asyncio.sleep(0.5)  # let start-up settle before reading idle memory
+            results["memory"] = {"idle_rss_mib": round((status_kib(proxy.pid, "VmRSS") or 0) / 1024, 1)}
+        for clients, budget in plan.chat.items():
+            progress(f"  {way.name}: chat, {clients} client(s)")
+            results[f"chat_{clients}"] = summarise_chat(await run_clients(base, clients, budget, chat))
+        for clients, budget in plan.stream.items():
+            progress(f"  {way.name}: stream, {clients} stream(s)")
+            watch = peak_rss(proxy.pid, results["memory"]) if proxy and clients == max(plan.stream) else None
+            async with watch or contextlib.nullcontext():
+                results[f"stream_{clients}"] = summarise_stream(await run_clients(base, clients, budget, stream))
+        if proxy and proxy.popen.poll() is not None:
+            results["proxy_exit"] = f"exited with {proxy.popen.returncode}: {proxy.log_tail()}"
+    async with reach(way, flaky, workdir, "flaky") as (base, _):
+        progress(f"  {way.name}: {FAIL_RATE:.0%} 503, {FAULT_CONCURRENCY} clients")
+        results["faults"] = summarise_faults(await run_clients(base, FAULT_CONCURRENCY, plan.faults, chat))
+    return results
+
+
+async def bench(ways: list[Way], plan: Plan, workdir: Path) -> dict[str, dict]:
+    upstreams: list[Process] = []
+    try:
+        clean_process, clean_port = await start("upstream-clean", upstream_argv(0.0), workdir)
+        upstreams.append(clean_process)
+        flaky_process, flaky_port = await start("upstream-flaky", upstream_argv(FAIL_RATE), workdir)
+        upstreams.append(flaky_process)
+        results: dict[str, dict] = {}
+        for way in ways:
+            progress(f"{way.name} ...")
+            try:
+                results[way.name] = await measure_way(
+                    way, f"http://127.0.0.1:{clean_port}", f"http://127.0.0.1:{flaky_port}", plan, workdir
+                )
+            except Exception as e:  # one broken way (the addon is being edited) must not cost the others' figures
+                progress(f"  {way.name} failed: {e}")
+                results[way.name] = {"broken": f"{type(e).__name__}: {e}"}
+        add_ttft_overheads(results)
+        return results
+    finally:
+        for process in reversed(upstreams):
+            process.stop()
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    label: str
+    run: str  # key in a way's results
+    key: str  # key in that run's summary
+    unit: str
+
+
+def figures(plan: Plan) -> list[Figure]:
+    rows: list[Figure] = []
+    for n in plan.chat:
+        rows += [Figure(f"chat, {n} client{'s' * (n > 1)}: throughput", f"chat_{n}", "rps", "req/s"),
+                 Figure(f"chat, {n} client{'s' * (n > 1)}: latency p50", f"chat_{n}", "p50_ms", "ms"),
+                 Figure(f"chat, {n} client{'s' * (n > 1)}: latency p99", f"chat_{n}", "p99_ms", "ms")]
+    for n in plan.stream:
+        name = f"stream, {n} stream{'s' * (n > 1)}"
+        rows += [Figure(f"{name}: TTFT p50", f"stream_{n}", "ttft_p50_ms", "ms"),
+                 Figure(f"{name}: TTFT p99", f"stream_{n}", "ttft_p99_ms", "ms"),
+                 Figure(f"{name}: TTFT overhead p50", f"stream_{n}", "ttft_overhead_p50_ms", "ms"),
+                 Figure(f"{name}: TTFT overhead p99", f"stream_{n}", "ttft_overhead_p99_ms", "ms"),
+                 Figure(f"{name}: chunk gap mean", f"stream_{n}", "gap_mean_ms", "ms"),
+                 Figure(f"{name}: chunk gap p99", f"stream_{n}", "gap_p99_ms", "ms")]
+    rows += [Figure("failed (clean upstream)", "clean", "failed", "count"),
+             Figure("proxy RSS, idle", "memory", "idle_rss_mib", "MiB"),
+             Figure(f"proxy RSS, peak during {max(plan.stream)} streams", "memory", "peak_rss_mib", "MiB"),
+             Figure(f"{FAIL_RATE:.0%} 503: success", "faults", "success_pct", "%"),
+             Figure(f"{FAIL_RATE:.0%} 503: latency p50", "faults", "p50_ms", "ms"),
+             Figure(f"{FAIL_RATE:.0%} 503: latency p99", "faults", "p99_ms", "ms")]
+    return rows
+
+
+def value(results: dict, way: str, figure: Figure) -> float | None:
+    measured = results.get(way, {})
+    if figure.run == "clean":  # failures over every clean-upstream run together
+        runs = [s for k, s in measured.items() if k.startswith(("chat_", "stream_"))]
+        return sum(s["failed"] for s in runs) if runs else None
+    return (measured.get(figure.run) or {}).get(figure.key)
+
+
+def fmt(number: float | None) -> str:
+    if number is None:
+        return "—"
+    if abs(number) >= 100 or number == int(number):
+        return f"{number:,.0f}"
+    return f"{number:.1f}" if abs(number) >= 10 else f"{number:.2f}"
+
+
+def ratio(mine: float | None, base: float | None) -> str:
+    if mine is None or base is None or base == 0:
+        return "—"
+    return f"{mine / base:.2f}"
+
+
+def markdown_tables(results: dict, ways: list[str], plan: Plan) -> str:
+    rows = figures(plan)
+    pairs = [(w, b) for b in BASELINES if b in ways for w in ways if ways.index(w) > ways.index(b)]
+    lines = ["| figure | unit | " + " | ".join(ways) + " |", "|---|---|" + "---:|" * len(ways)]
+    for f in rows:
+        lines.append(f"| {f.label} | {f.unit} | " + " | ".join(fmt(value(results, w, f)) for w in ways) + " |")
+    lines += ["", "Ratios (this way's figure ÷ the baseline's):", ""]
+    lines.append("| figure | " + " | ".join(f"{w} ÷ {b}" for w, b in pairs) + " |")
+    lines.append("|---|" + "---:|" * len(pairs))
+    for f in rows:
+        cells = [ratio(value(results, w, f), value(results, b, f)) for w, b in pairs]
+        lines.append(f"| {f.label} | " + " | ".join(cells) + " |")
+    broken = [f"- **{w}** could not be measured: {results[w]['broken']}" for w in ways if "broken" in results.get(w, {})]
+    return "\n".join(lines + ([""] + broken if broken else []))
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                               text=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(quick: bool) -> dict:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "revision": git_revision(),
+        "mode": "quick" if quick else "full",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "mitmproxy": importlib.metadata.version("mitmproxy"),
+        "aiohttp": aiohttp.__version__,
+        "upstream": {"stream_chunks": STREAM_CHUNKS, "chunk_delay_s": CHUNK_DELAY, "fail_rate": FAIL_RATE},
+    }
+
+
+def report(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float) -> tuple[str, str]:
+    """(table for the terminal, whole markdown document)."""
+    tables = markdown_tables(results, ways, plan)
+    legend = __doc__.split("What the figures mean:\n", 1)[1]
+    raw = {"environment": env, "plan": asdict(plan), "results": results, "run_seconds": round(seconds, 1)}
+    document = "\n".join([
+        "# seaking-proxy benchmark",
+        "",
+        f"{env['date']}, revision {env['revision']}, {env['mode']} run ({seconds:.0f} s), {env['cpus']} CPUs, "
+        f"Python {env['python']}, mitmproxy {env['mitmproxy']}.",
+        "Produced by `benchmarks/bench.py`" + (" --quick" if env["mode"] == "quick" else "") + "; setup and method in "
+        "its docstring. Upstream, proxy and load generator are separate processes on loopback.",
+        "",
+        tables,
+        "",
+        "## What the figures mean",
+        "",
+        "```text",
+        legend.rstrip(),
+        "```",
+        "",
+        "## Raw results",
+        "",
+        "```json",
+        json.dumps(raw, indent=2),
+        "```",
+        "",
+    ])
+    return tables, document
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: the whole run takes under a minute")
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmark.md"), help="markdown report to write")
+    parser.add_argument("--ways", default=",".join(w.name for w in WAYS),
+                        help="comma-separated subset of: " + ", ".join(w.name for w in WAYS))
+    args = parser.parse_args()
+    wanted = args.ways.split(",")
+    unknown = set(wanted) - {w.name for w in WAYS}
+    if unknown:
+        parser.error(f"unknown way(s): {', '.join(sorted(unknown))}")
+    ways = [w for w in WAYS if w.name in wanted]
+    plan = QUICK if args.quick else FULL
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="seaking-bench-") as workdir:
+        results = asyncio.run(bench(ways, plan, Path(workdir)))
+    seconds = time.monotonic() - started
+
+    names = [w.name for w in ways]
+    tables, document = report(results, names, plan, environment(args.quick), seconds)
+    print(tables)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(document)
+    progress(f"\nwritten to {out} ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
