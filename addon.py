@@ -7,7 +7,8 @@ Where things happen:
   - request hook ............ SeakingProxy.request (this file): checks, routing, the exchange, the answer
   - routing ................. routing.py
   - classified and retried .. retry_policy.py (pure), driven per attempt by upstream.py
-  - answered ................ answers.py (upstream answers passed on, OpenAI error JSON)
+  - streamed ................ streaming.py (SSE guarantees), relay.py (the loopback server mitmproxy streams from)
+  - answered ................ answers.py (upstream answers passed on, OpenAI error JSON and SSE error events)
   - /models cache ........... models_cache.py
   - keys kept out of sight .. redaction.py
   - config.yaml ............. config.py
@@ -16,6 +17,7 @@ Where things happen:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -26,17 +28,20 @@ import time
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
-from answers import error_response, upstream_error_response, upstream_error_text, upstream_response
+from answers import ProxyError, forwardable_headers, upstream_error_response, upstream_error_text, upstream_response
 from config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from models_cache import ModelsCache, fallback_models_body, is_models_list
 from redaction import bearer_token, client_secrets, redact_headers, scrub, scrub_response
+from relay import Relay, RelayJob
 from retry_policy import Failure, Outcome, StopReason, Verdict
 from routing import Route, route
+from streaming import LiveStream, client_stream, completion_as_sse
 from upstream import UpstreamAttempt, UpstreamClient, UpstreamRequest, describe_history, upstream_headers
 
 logger = logging.getLogger("seaking")
 
 CACHE_HEADER = "x-seaking-cache"
+SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 
 
 class SeakingProxy:
@@ -44,6 +49,10 @@ class SeakingProxy:
         self.config: Config | None = None
         self.models_cache: ModelsCache | None = None
         self.upstream = UpstreamClient()
+        self.relay = Relay()
+        # flow.id -> the true upstream URL, while mitmproxy fetches that flow's streaming answer from the relay
+        self._relayed: dict[str, str] = {}
+        self._records_streamed_bodies = False
 
     # --- mitmproxy lifecycle -------------------------------------------------------------------------------------
 
@@ -54,6 +63,11 @@ class SeakingProxy:
             "",
             f"seaking-proxy config file (YAML or JSON). Default: {DEFAULT_CONFIG_PATH}",
         )
+        if "store_streamed_bodies" not in loader.master.options:  # mitmproxy 12 has it built in, 11 does not
+            loader.add_option(
+                "store_streamed_bodies", bool, False, "Keep the bodies of streamed responses in the flow (mitmweb, -w)."
+            )
+            self._records_streamed_bodies = True
 
     def configure(self, updated: set[str]) -> None:
         if "seaking_config" in updated or self.config is None:
@@ -69,11 +83,13 @@ class SeakingProxy:
         ctx.options.update(connection_strategy="lazy")
 
     def done(self) -> None:
-        # done must stay synchronous (script reload calls it so); the session closes on the loop.
+        # done must stay synchronous (script reload calls it so); the sockets close on the loop.
         try:
-            asyncio.get_running_loop().create_task(self.upstream.close())
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop left at interpreter exit
-            pass
+            return
+        loop.create_task(self.upstream.close())
+        loop.create_task(self.relay.stop())
 
     def _load_config(self, path: str) -> None:
         try:
@@ -90,19 +106,34 @@ class SeakingProxy:
             return
         declared = flow.request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.config.server.max_body_bytes:
-            flow.response = self._too_large()
+            flow.response = self._too_large().response()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if not self._owns(flow) or flow.response is not None:
             return
         secrets = client_secrets(flow.request.headers) | self._configured_secrets()
         try:
-            flow.response = await self._answer(flow)
+            answer = await self._answer(flow, secrets)
         finally:
             # Sent (or refused): from here on the flow is for people to look at, and must not hold credentials.
             redact_headers(flow.request.headers)
-        if flow.response.status_code >= 400:
-            scrub_response(flow.response, secrets)
+        if answer is None:
+            return  # a streaming answer: mitmproxy fetches it from the relay
+        if answer.status_code >= 400:
+            scrub_response(answer, secrets)
+        flow.response = answer
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        upstream_url = self._relayed.pop(flow.id, None)
+        if upstream_url is None:
+            return
+        # mitmweb and recordings show the true upstream, not our relay.
+        flow.request.url = upstream_url
+        record = self._records_streamed_bodies and ctx.options.store_streamed_bodies
+        flow.response.stream = StreamedBodyRecorder(flow.response) if record else True
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._relayed.pop(flow.id, None)
 
     def _owns(self, flow: http.HTTPFlow) -> bool:
         # A replay from mitmweb's UI is the user's own experiment: mitmproxy sends it as recorded.
@@ -110,68 +141,135 @@ class SeakingProxy:
 
     # --- answering a request -------------------------------------------------------------------------------------
 
-    async def _answer(self, flow: http.HTTPFlow) -> http.Response:
+    async def _answer(self, flow: http.HTTPFlow, secrets: set[str]) -> http.Response | None:
+        """The answer for the client, or None when the flow was pointed at the relay for a streaming answer."""
         config = self.config
         request = flow.request
         refusal = self._check_access(request) or self._check_body(request)
         if refusal:
-            return refusal
+            return refusal.response()
         target = route(config.target_proxy.url or _reverse_target(request), request.path)
-        body = request.raw_content or b""
+        wants_stream = False
         if target.expects_json_body and request.method == "POST":
-            problem = _json_body_problem(request)
+            document, problem = _json_object(request)
             if problem:
-                return error_response(400, problem, "invalid_json", type_="invalid_request_error")
+                return ProxyError(400, problem, "invalid_json", type="invalid_request_error").response()
+            wants_stream = document.get("stream") is True
         started = time.time()
-        outcome, history = await self.upstream.exchange(
-            config.retry,
-            UpstreamRequest(
-                method=request.method,
-                url=target.url,
-                headers=upstream_headers(request.headers.items(multi=True), config.target_proxy.api_key),
-                body=body,
-                expects_json=target.endpoint is not None,
-            ),
-            on_retry=lambda last, number, wait: self._log_retry(flow, target, last, number, wait),
+        exchange = asyncio.create_task(
+            self.upstream.exchange(
+                config.retry,
+                UpstreamRequest(
+                    method=request.method,
+                    url=target.url,
+                    headers=upstream_headers(request.headers.items(multi=True), config.target_proxy.api_key),
+                    body=request.raw_content or b"",
+                    expects_json=target.endpoint is not None,
+                    first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
+                ),
+                on_retry=lambda last, number, wait: self._log_retry(request.method, target, last, number, wait, secrets),
+            )
         )
+        if wants_stream:
+            finished, _ = await asyncio.wait({exchange}, timeout=config.streaming.heartbeat_interval)
+            if not finished:
+                await self._stream_with_heartbeats(flow, target, exchange, started, secrets)
+                return None
+        outcome, history = await exchange
         elapsed = time.time() - started
+        last = outcome.last
+        if last.stream is not None:
+            self._annotate(flow, history, elapsed, proxy_made=False)
+            await self._relay(flow, target, last.status, forwardable_headers(last.raw_headers), _resolved(last.stream))
+            return None
         # Show the true upstream in mitmweb and recordings, with how we got the answer.
-        request.url = target.url
+        flow.request.url = target.url
         answer = self._models_answer(target, outcome) if target.is_models else None
-        proxy_made = answer is not None or outcome.last.classification.verdict is Verdict.RETRY
+        proxy_made = answer is not None or last.classification.verdict is Verdict.RETRY
         if answer is None:
             answer = self._final_answer(outcome, elapsed, started)
-        self._annotate(flow, history, elapsed, answer, proxy_made)
+        self._annotate(flow, history, elapsed, proxy_made, answer.status_code)
         return answer
 
-    def _check_access(self, request: http.Request) -> http.Response | None:
+    async def _stream_with_heartbeats(
+        self, flow: http.HTTPFlow, target: Route, exchange: asyncio.Task, started: float, secrets: set[str]
+    ) -> None:
+        """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
+        with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
+
+        async def stream_or_error() -> LiveStream | bytes | ProxyError:
+            outcome, history = await exchange
+            elapsed = time.time() - started
+            last = outcome.last
+            self._annotate(flow, history, elapsed, proxy_made=last.stream is None)
+            if last.stream is not None:
+                return last.stream
+            if last.classification.verdict is Verdict.SUCCESS:
+                replay = completion_as_sse(last.body)  # the upstream ignored "stream": true
+                if replay is not None:
+                    return replay
+            error = self._failure(outcome, elapsed)
+            return dataclasses.replace(error, message=scrub(error.message, secrets))
+
+        await self._relay(flow, target, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
+
+    async def _relay(
+        self, flow: http.HTTPFlow, target: Route, status: int, headers, outcome: asyncio.Future, *tasks: asyncio.Task
+    ) -> None:
+        """Point the flow at the relay, which sends status and headers, then the stream `outcome` resolves to."""
+        streaming = self.config.streaming
+
+        def release() -> None:
+            for task in (outcome, *tasks):
+                task.cancel()
+            if outcome.done() and not outcome.cancelled() and isinstance(outcome.result(), LiveStream):
+                outcome.result().close()
+
+        def report(problem: ProxyError) -> None:
+            logger.warning(f"{flow.request.method} {target.url}: {problem.message} Ended the stream with an error event.")
+            ending = f"stream ended by seaking-proxy: {problem.code}"
+            flow.comment = f"{flow.comment}; {ending}" if flow.comment else ending
+
+        body = client_stream(
+            outcome,
+            heartbeat_interval=streaming.heartbeat_interval,
+            idle_timeout=streaming.idle_timeout,
+            append_done=target.endpoint != "messages",  # Anthropic streams end with message_stop, not [DONE]
+            on_problem=report,
+        )
+        port = await self.relay.start()
+        path = self.relay.register(RelayJob(status, headers, body, on_close=release))
+        self._relayed[flow.id] = target.url
+        flow.request.url = f"http://127.0.0.1:{port}{path}"
+
+    def _check_access(self, request: http.Request) -> ProxyError | None:
         access_key = self.config.server.access_key
         if not access_key:
             return None
         token = bearer_token(request.headers.get("authorization", ""))
         if hmac.compare_digest(token.encode(), access_key.encode()):
             return None
-        return error_response(
+        return ProxyError(
             401,
             "seaking-proxy: missing or wrong access key. Send 'Authorization: Bearer <server.access_key>' "
             "(in SillyTavern: the API key field of the Custom source).",
             "invalid_access_key",
-            type_="authentication_error",
+            type="authentication_error",
             short="seaking-proxy: missing or wrong access key",
         )
 
-    def _check_body(self, request: http.Request) -> http.Response | None:
+    def _check_body(self, request: http.Request) -> ProxyError | None:
         if len(request.raw_content or b"") > self.config.server.max_body_bytes:
             return self._too_large()
         return None
 
-    def _too_large(self) -> http.Response:
+    def _too_large(self) -> ProxyError:
         limit = self.config.server.max_body_bytes
-        return error_response(
+        return ProxyError(
             413,
             f"Request body is larger than server.max_body_bytes ({limit} bytes); it was not sent upstream.",
             "request_too_large",
-            type_="invalid_request_error",
+            type="invalid_request_error",
         )
 
     def _models_answer(self, target: Route, outcome: Outcome[UpstreamAttempt]) -> http.Response | None:
@@ -202,16 +300,26 @@ class SeakingProxy:
             return upstream_response(last.status, last.reason, last.raw_headers, last.body, started)
         if verdict is Verdict.FAIL_FAST:
             return upstream_error_response(last.status, last.reason, last.raw_headers, last.body, started)
-        return self._gave_up(outcome, elapsed)
+        return self._gave_up(outcome, elapsed).response()
 
-    def _gave_up(self, outcome: Outcome[UpstreamAttempt], elapsed: float) -> http.Response:
+    def _failure(self, outcome: Outcome[UpstreamAttempt], elapsed: float) -> ProxyError:
+        """Any outcome but a stream, as an error to report inside a stream that has already begun."""
+        last = outcome.last
+        if last.classification.verdict is Verdict.RETRY:
+            return self._gave_up(outcome, elapsed)
+        message = upstream_error_text(last.body, 300) or last.reason
+        return ProxyError(
+            last.status, f"Upstream answered {last.status}: {message}", f"upstream_http_{last.status}", attempts=outcome.attempts
+        )
+
+    def _gave_up(self, outcome: Outcome[UpstreamAttempt], elapsed: float) -> ProxyError:
         last = outcome.last
         attempts = outcome.attempts
         tried = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
         deadline = self.config.retry.deadline
         if outcome.stopped is StopReason.DEADLINE and last.retry_after is not None:
             wait = math.ceil(outcome.refused_wait or last.retry_after)
-            return error_response(
+            return ProxyError(
                 429,
                 f"Upstream is rate limiting (it answered {last.status} and asked to wait {wait} s, which would pass "
                 f"the {deadline:g} s deadline); {tried}. Try again in {wait} s.",
@@ -223,45 +331,65 @@ class SeakingProxy:
             tried += f" (the {deadline:g} s deadline was reached)"
         failure = last.classification.failure
         detail = last.classification.detail
+        retry_after = None
         if failure is Failure.STATUS:
-            upstream_said = upstream_error_text(last.body)
+            upstream_said = upstream_error_text(last.body, 300)
             if upstream_said:
                 detail += f" ({upstream_said})"
-            retry_after = math.ceil(last.retry_after) if last.retry_after is not None else None
+            if last.retry_after is not None:
+                retry_after = math.ceil(last.retry_after)
             status, code = last.status, f"upstream_http_{last.status}"
         elif failure is Failure.TIMEOUT:
-            detail = f"no response headers from upstream within {self.config.retry.per_try_timeout:g} s"
-            status, code, retry_after = 504, "upstream_timeout", None
+            if last.status is None:  # no headers; with headers, it was the first SSE event that never came
+                detail = f"no response headers from upstream within {self.config.retry.per_try_timeout:g} s"
+            status, code = 504, "upstream_timeout"
         elif failure is Failure.BROKEN:
-            status, code, retry_after = 502, "upstream_bad_response", None
+            status, code = 502, "upstream_bad_response"
         else:
-            status, code, retry_after = 502, "upstream_unreachable", None
+            status, code = 502, "upstream_unreachable"
         message = f"{detail[0].upper()}{detail[1:]}; {tried}."
-        return error_response(status, message, code, retry_after=retry_after, attempts=attempts)
+        return ProxyError(status, message, code, retry_after=retry_after, attempts=attempts)
 
     # --- what people see: logs and mitmweb -----------------------------------------------------------------------
 
-    def _log_retry(self, flow: http.HTTPFlow, target: Route, last: UpstreamAttempt, number: int, wait: float) -> None:
-        detail = scrub(last.classification.detail, self._configured_secrets() | client_secrets(flow.request.headers))
+    def _log_retry(
+        self, method: str, target: Route, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]
+    ) -> None:
         logger.info(
-            f"{flow.request.method} {target.url}: attempt {number}/{self.config.retry.max_attempts} failed: "
-            f"{detail}; retrying in {wait:.1f} s"
+            f"{method} {target.url}: attempt {number}/{self.config.retry.max_attempts} failed: "
+            f"{scrub(last.classification.detail, secrets)}; retrying in {wait:.1f} s"
         )
 
     def _annotate(
-        self, flow: http.HTTPFlow, history: list[UpstreamAttempt], elapsed: float, answer: http.Response, proxy_made: bool
+        self, flow: http.HTTPFlow, history: list[UpstreamAttempt], elapsed: float, proxy_made: bool, status: int = 200
     ) -> None:
-        final = f"{answer.status_code} (by seaking-proxy)" if proxy_made else None
+        if not history:
+            return
+        final = f"{status} (by seaking-proxy)" if proxy_made else None
         summary = describe_history(history, elapsed, final)
         if len(history) > 1:
             flow.marked = ":repeat:"
+            logger.info(f"{flow.request.method} {flow.request.path}: {summary}")
         if len(history) > 1 or proxy_made:
             flow.comment = summary
-        if len(history) > 1:
-            logger.info(f"{flow.request.method} {flow.request.url}: {summary}")
 
     def _configured_secrets(self) -> set[str]:
         return {k for k in (self.config.target_proxy.api_key, self.config.server.access_key) if k}
+
+
+class StreamedBodyRecorder:
+    """A response.stream callable that passes chunks on unchanged and keeps them for the flow (mitmproxy 11)."""
+
+    def __init__(self, response: http.Response) -> None:
+        self.response = response
+        self.chunks: list[bytes] = []
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk:
+            self.chunks.append(chunk)
+        else:  # the end of the body
+            self.response.raw_content = b"".join(self.chunks)
+        return chunk
 
 
 def exposure_problem(config: Config, listen_host: str, modes: list[str]) -> str | None:
@@ -297,14 +425,20 @@ def _reverse_target(request: http.Request) -> str:
     return f"{request.scheme}://{request.host}{port}"
 
 
-def _json_body_problem(request: http.Request) -> str | None:
+def _json_object(request: http.Request) -> tuple[dict, str | None]:
     try:
         document = json.loads(request.get_content(strict=False) or b"")
     except ValueError as e:
-        return f"Request body is not valid JSON ({e}); it was not sent upstream."
+        return {}, f"Request body is not valid JSON ({e}); it was not sent upstream."
     if not isinstance(document, dict):
-        return "Request body must be a JSON object; it was not sent upstream."
-    return None
+        return {}, "Request body must be a JSON object; it was not sent upstream."
+    return document, None
+
+
+def _resolved(value) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 def _json_response(body: bytes, headers: dict[str, str]) -> http.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 
 from mitmproxy import http
 
@@ -35,37 +36,55 @@ def error_type_for(status: int) -> str:
     return _TYPE_BY_STATUS.get(status, "api_error" if status < 500 else "upstream_error")
 
 
-def error_document(message: str, type_: str, code: str, **extra) -> dict:
-    error = {"message": message, "type": type_, "code": code}
-    error.update({k: v for k, v in extra.items() if v is not None})
-    return {"error": error}
-
-
 def reason_phrase(text: str) -> str:
     """A reason phrase HTTP/1.1 can carry: one line of Latin-1, not too long."""
     text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
     text = text.encode("latin-1", "replace").decode("latin-1")
-    return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 1] + "…".encode("latin-1", "replace").decode()
+    return text if len(text) <= _REASON_LIMIT else text[: _REASON_LIMIT - 3] + "..."
 
 
-def error_response(
-    status: int, message: str, code: str, *, type_: str | None = None, short: str | None = None, **extra
-) -> http.Response:
-    """A proxy-made OpenAI error. `short` is the reason phrase; by default the message itself."""
-    document = error_document(message, type_ or error_type_for(status), code, **extra)
-    headers = {"content-type": "application/json"}
-    if extra.get("retry_after") is not None:
-        headers["retry-after"] = str(extra["retry_after"])
-    response = http.Response.make(status, json.dumps(document).encode(), headers)
-    response.reason = reason_phrase(short or message)
-    return response
+@dataclass(frozen=True)
+class ProxyError:
+    """An error the proxy reports itself: a JSON response before anything was sent, an SSE event after."""
+
+    status: int
+    message: str
+    code: str
+    type: str | None = None  # default: from the status
+    retry_after: int | None = None
+    attempts: int | None = None
+    short: str | None = None  # the reason phrase; default: the message
+
+    def document(self) -> dict:
+        error = {"message": self.message, "type": self.type or error_type_for(self.status), "code": self.code}
+        extra = {"retry_after": self.retry_after, "attempts": self.attempts}
+        error.update({k: v for k, v in extra.items() if v is not None})
+        return {"error": error}
+
+    def response(self) -> http.Response:
+        headers = {"content-type": "application/json"}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        response = http.Response.make(self.status, json.dumps(self.document()).encode(), headers)
+        response.reason = reason_phrase(self.short or self.message)
+        return response
+
+    def sse_event(self) -> bytes:
+        """One `data: {"error": ...}` event: SillyTavern shows its message, the OpenAI SDK raises it as APIError."""
+        return b"data: " + json.dumps(self.document()).encode() + b"\n\n"
+
+
+def forwardable_headers(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The upstream's response headers that describe the answer rather than the upstream connection."""
+    decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers]
+    return [(k, v) for k, v in decoded if k.lower() not in _NOT_FORWARDED]
 
 
 def upstream_response(
     status: int, reason: str, raw_headers: list[tuple[bytes, bytes]], body: bytes, started: float
 ) -> http.Response:
     """The upstream's answer as received (aiohttp has already decoded any content-encoding)."""
-    fields = [(k, v) for k, v in raw_headers if k.decode("latin-1").lower() not in _NOT_FORWARDED]
+    fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in forwardable_headers(raw_headers)]
     response = http.Response(
         http_version=b"HTTP/1.1",
         status_code=status,
@@ -90,7 +109,7 @@ def upstream_error_response(status: int, reason: str, raw_headers, body: bytes, 
         message = upstream_error_text(body)
     else:
         message = upstream_error_text(body) or reason or f"HTTP {status}"
-        response = error_response(status, f"Upstream answered {status}: {message}", f"upstream_http_{status}")
+        response = ProxyError(status, f"Upstream answered {status}: {message}", f"upstream_http_{status}").response()
     response.reason = reason_phrase(f"{reason or status}: {message}" if message != reason else message)
     return response
 

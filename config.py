@@ -68,11 +68,19 @@ class ModelsSection:
 
 
 @dataclass(frozen=True)
+class StreamingSection:
+    first_event_timeout: float = field(default=60, metadata=_range(low=0.001))  # response headers -> first event
+    idle_timeout: float = field(default=60, metadata=_range(low=0.001))  # longest silence once streaming
+    heartbeat_interval: float = field(default=15, metadata=_range(low=0.001))  # SSE comments while the client waits
+
+
+@dataclass(frozen=True)
 class Config:
     target_proxy: TargetProxySection = TargetProxySection()
     error_handling: ErrorHandlingSection = ErrorHandlingSection()
     server: ServerSection = ServerSection()
     models: ModelsSection = ModelsSection()
+    streaming: StreamingSection = StreamingSection()
 
     @property
     def retry(self) -> RetryPolicy:

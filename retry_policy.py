@@ -73,7 +73,8 @@ def classify_response(
         return Classification(Verdict.RETRY, f"upstream answered {status}", Failure.STATUS)
     if not 200 <= status < 300:
         return Classification(Verdict.PASS_THROUGH, f"upstream answered {status}")
-    if not (expects_json or "json" in content_type.lower()):
+    judged_as_json = (expects_json and "event-stream" not in content_type.lower()) or "json" in content_type.lower()
+    if not judged_as_json:
         return Classification(Verdict.SUCCESS)
     if not body.strip():
         return Classification(Verdict.RETRY, f"upstream answered {status} with an empty body", Failure.BROKEN)

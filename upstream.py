@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from streaming import LiveStream, is_event_stream, read_first_event
 from retry_policy import (
     Classification,
     Outcome,
@@ -55,8 +56,9 @@ class UpstreamAttempt:
     status: int | None = None
     reason: str = ""
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
+    body: bytes = b""  # the whole body; for a live stream, what was read of it so far
     retry_after: float | None = None
+    stream: LiveStream | None = None  # a streaming success: the open upstream response, to be relayed
 
     @property
     def label(self) -> str:
@@ -73,6 +75,7 @@ class UpstreamRequest:
     headers: list[tuple[str, str]]
     body: bytes
     expects_json: bool
+    first_event_timeout: float | None = None  # set for "stream": true requests
 
 
 class UpstreamClient:
@@ -126,6 +129,8 @@ class UpstreamClient:
                 )
         except _UPSTREAM_NETWORK_ERRORS as exc:
             return UpstreamAttempt(classify_exception(exc), time.monotonic() - started)
+        if request.first_event_timeout is not None and 200 <= response.status < 300 and is_event_stream(response.content_type):
+            return await self._first_event(request, response, started, deadline_at)
         try:
             # The body may take long (a non-streaming completion is written at the end), but not past the deadline.
             async with asyncio.timeout(max(0.0, deadline_at - time.monotonic())):
@@ -144,6 +149,27 @@ class UpstreamClient:
             raw_headers=list(response.raw_headers),
             body=body,
             retry_after=retry_after_seconds(response.headers),
+        )
+
+    async def _first_event(
+        self, request: UpstreamRequest, response: aiohttp.ClientResponse, started: float, deadline_at: float
+    ) -> UpstreamAttempt:
+        """A streaming attempt succeeds only with a good first event: until then nothing has reached the client,
+        so an error event, an empty stream or a silent upstream can still be retried."""
+        timeout = max(0.0, min(request.first_event_timeout, deadline_at - time.monotonic()))
+        try:
+            live, prefetched, classification = await read_first_event(response, timeout)
+        except BaseException:  # cancelled: the client left while we waited for the first event
+            response.close()
+            raise
+        return UpstreamAttempt(
+            classification=classification,
+            elapsed=time.monotonic() - started,
+            status=response.status,
+            reason=response.reason or "",
+            raw_headers=list(response.raw_headers),
+            body=prefetched,
+            stream=live,
         )
 
 

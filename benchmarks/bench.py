@@ -1,22 +1,26 @@
 """What does it cost to reach an OpenAI-compatible upstream through seaking-proxy? Side by side, in one run.
 
     /work/main/.venv/bin/python benchmarks/bench.py [--quick] [--out docs/benchmark.md] [--ways direct,seaking-proxy]
+                                                    [--addon other/checkout/addon.py]
 
---quick shrinks every run so the whole benchmark takes under a minute; without it, a few minutes. The markdown table is
-printed and written to --out together with the raw results as JSON. Nothing is asserted: this measures, it does not test.
+--quick shrinks every run so the whole benchmark takes under a minute (and skips the larger stream runs of a way whose
+streams all failed); without it, a few minutes. The markdown table is
+printed and written to --out together with the raw results as JSON. Nothing is asserted: this measures, it does not
+test.
 
 Setup. Three kinds of process, so that none steals the others' CPU on a small machine: this one (the aiohttp load
-generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstream; two of them: a clean one and one that
-answers 30 % of chat completions with 503), and the proxy under test, started per way as
-`... --listen-host 127.0.0.1 --listen-port 0`. Every way reaches the same upstream on loopback:
+generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstream: one clean upstream for the whole run,
+and per way a fresh one answering a seeded 30 % of chat completions with 503, so each way meets the same faults), and
+the proxy under test, started per way and upstream as `... --listen-host 127.0.0.1 --listen-port 0`. Every way reaches
+the same upstream on loopback:
   direct ............ the client talks to the upstream itself
   mitmdump .......... plain `mitmdump --mode reverse:<upstream>`, no addon
   mitmdump-stream ... the same with `--set stream_large_bodies=1`: plain mitmdump buffers whole responses, SSE included,
                       so this is the baseline for what streaming through mitmproxy can cost
   seaking-proxy ..... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default retry
                       settings; only the /models cache file is moved to a temp directory)
-Another way (e.g. a LiteLLM proxy) is one more `Way` in WAYS. Every client keeps its connection alive, and warms it up
-with one request before the measured ones.
+Another way (e.g. a LiteLLM proxy) is one more `Way` in all_ways(). Every client keeps its connection alive, and warms
+it up with one request before the measured ones.
 
 What the figures mean:
   chat, N clients .......... non-streaming chat completions from N clients in a loop, each waiting for its answer:
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import math
@@ -96,21 +101,25 @@ class Way:
     ready: re.Pattern = LISTENING  # its output says it accepts connections; group 1 is the port
 
 
-def seaking_command(upstream: str, workdir: Path) -> list[str]:
+def seaking_command(addon: Path, upstream: str, workdir: Path) -> list[str]:
     config = workdir / "seaking.yaml"
     # Only the /models cache moves (the user's own cache stays untouched); retries keep their defaults.
     config.write_text(f"models:\n  cache_file: {json.dumps(str(workdir / 'models.json'))}\n")
-    return [MITMDUMP, "-s", str(REPO / "addon.py"), "--mode", f"reverse:{upstream}", *LISTEN,
+    return [MITMDUMP, "-s", str(addon), "--mode", f"reverse:{upstream}", *LISTEN,
             "--set", f"seaking_config={config}"]
 
 
-WAYS = [
-    Way("direct"),
-    Way("mitmdump", lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN]),
-    Way("mitmdump-stream",
-        lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN, "--set", "stream_large_bodies=1"]),
-    Way("seaking-proxy", seaking_command),
-]
+def all_ways(addon: Path) -> list[Way]:
+    return [
+        Way("direct"),
+        Way("mitmdump", lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN]),
+        Way("mitmdump-stream",
+            lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN, "--set", "stream_large_bodies=1"]),
+        Way("seaking-proxy", functools.partial(seaking_command, addon)),
+    ]
+
+
+WAY_NAMES = [w.name for w in all_ways(Path("addon.py"))]
 BASELINES = ("direct", "mitmdump")  # ratios are given against these
 
 
@@ -128,6 +137,9 @@ class Plan:
     chat: dict[int, Budget]
     stream: dict[int, Budget]
     faults: Budget
+    # A way whose streams all fail may take its whole retry schedule per stream; the quick run does not wait for the
+    # larger stream runs to repeat the failure.
+    skip_streams_after_total_failure: bool = False
 
 
 FULL = Plan(
@@ -138,7 +150,8 @@ FULL = Plan(
 QUICK = Plan(
     chat={1: Budget(300, 1), 16: Budget(2000, 1.5)},
     stream={1: Budget(2, 5), 16: Budget(16, 5), 100: Budget(100, 5)},
-    faults=Budget(250, 4),
+    faults=Budget(200, 2),
+    skip_streams_after_total_failure=True,
 )
 
 
@@ -165,11 +178,17 @@ class Process:
         while time.monotonic() < deadline:
             found = ready.search(self.log_path.read_text(errors="replace"))
             if found:
+                # mitmdump says it is listening before it gives up on a script that fails to load.
+                await asyncio.sleep(0.3)
+                self.check_alive()
                 return int(found.group(1))
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            self.check_alive()
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.name} did not say it was listening within {timeout} s:\n{self.log_tail()}")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -194,18 +213,25 @@ async def start(name: str, argv: list[str], workdir: Path, ready: re.Pattern = L
         raise
 
 
-def upstream_argv(fail_rate: float) -> list[str]:
-    return [sys.executable, str(HERE / "bench_upstream.py"), "--chunks", str(STREAM_CHUNKS),
+@contextlib.asynccontextmanager
+async def upstream(fail_rate: float, workdir: Path, label: str) -> AsyncIterator[str]:
+    """A fresh bench_upstream.py process; its URL."""
+    argv = [sys.executable, str(HERE / "bench_upstream.py"), "--chunks", str(STREAM_CHUNKS),
             "--chunk-delay", str(CHUNK_DELAY), "--fail-rate", str(fail_rate)]
+    process, port = await start(f"upstream-{label}", argv, workdir)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
 
 
 @contextlib.asynccontextmanager
-async def reach(way: Way, upstream: str, workdir: Path, label: str) -> AsyncIterator[tuple[str, Process | None]]:
-    """The base URL through which `way` reaches `upstream`, and the proxy process if there is one."""
+async def reach(way: Way, target: str, workdir: Path, label: str) -> AsyncIterator[tuple[str, Process | None]]:
+    """The base URL through which `way` reaches the upstream at `target`, and the proxy process if there is one."""
     if way.command is None:
-        yield upstream, None
+        yield target, None
         return
-    process, port = await start(f"{way.name}-{label}", way.command(upstream, workdir), workdir, way.ready)
+    process, port = await start(f"{way.name}-{label}", way.command(target, workdir), workdir, way.ready)
     try:
         yield f"http://127.0.0.1:{port}", process
     finally:
@@ -264,7 +290,8 @@ class Sample:
     latency: float  # seconds, request sent -> body read (or failure)
     ttft: float | None = None  # streams: request sent -> first data line
     gaps: list[float] = field(default_factory=list)  # streams: between successive data lines
-    error: str | None = None
+    error: str | None = None  # short, to count failures by kind
+    detail: str | None = None  # the start of an error answer's body, for the raw results
 
 
 async def chat(session: aiohttp.ClientSession, base: str) -> Sample:
@@ -275,19 +302,19 @@ async def chat(session: aiohttp.ClientSession, base: str) -> Sample:
             ok = response.status == 200 and b'"choices"' in body
             error = None if ok else f"HTTP {response.status}"
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        ok, error = False, type(e).__name__
-    return Sample(ok, time.perf_counter() - started, error=error)
+        ok, error, body = False, type(e).__name__, b""
+    return Sample(ok, time.perf_counter() - started, error=error, detail=None if ok else excerpt(body))
 
 
 async def stream(session: aiohttp.ClientSession, base: str) -> Sample:
     started = time.perf_counter()
     arrivals: list[float] = []
     done = False
-    error = None
+    error = detail = None
     try:
         async with session.post(base + CHAT_PATH, data=STREAM_BODY, headers=HEADERS) as response:
             if response.status != 200:
-                await response.read()
+                detail = excerpt(await response.read())
                 error = f"HTTP {response.status}"
             else:
                 async for line in response.content:
@@ -304,7 +331,12 @@ async def stream(session: aiohttp.ClientSession, base: str) -> Sample:
         ttft=arrivals[0] - started if arrivals else None,
         gaps=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
         error=error,
+        detail=detail,
     )
+
+
+def excerpt(body: bytes) -> str:
+    return body[:300].decode("utf-8", "replace")
 
 
 @dataclass
@@ -354,11 +386,14 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
-def errors_of(run: Run) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def errors_of(run: Run) -> dict[str, int | str]:
+    """Failures counted by kind, and the body of the first failed answer as an example."""
+    counts: dict[str, int | str] = {}
     for s in run.samples:
         if not s.ok:
             counts[s.error or "?"] = counts.get(s.error or "?", 0) + 1
+            if s.detail and "example" not in counts:
+                counts["example"] = s.detail
     return counts
 
 
@@ -414,7 +449,7 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def measure_way(way: Way, clean: str, flaky: str, plan: Plan, workdir: Path) -> dict:
+async def measure_way(way: Way, clean: str, plan: Plan, workdir: Path) -> dict:
     results: dict = {}
     async with reach(way, clean, workdir, "clean") as (base, proxy):
         if proxy:
@@ -427,37 +462,33 @@ async def measure_way(way: Way, clean: str, flaky: str, plan: Plan, workdir: Pat
             progress(f"  {way.name}: stream, {clients} stream(s)")
             watch = peak_rss(proxy.pid, results["memory"]) if proxy and clients == max(plan.stream) else None
             async with watch or contextlib.nullcontext():
-                results[f"stream_{clients}"] = summarise_stream(await run_clients(base, clients, budget, stream))
-        if proxy and proxy.popen.poll() is not None:
-            results["proxy_exit"] = f"exited with {proxy.popen.returncode}: {proxy.log_tail()}"
-    async with reach(way, flaky, workdir, "flaky") as (base, _):
-        progress(f"  {way.name}: {FAIL_RATE:.0%} 503, {FAULT_CONCURRENCY} clients")
-        results["faults"] = summarise_faults(await run_clients(base, FAULT_CONCURRENCY, plan.faults, chat))
+                run = await run_clients(base, clients, budget, stream)
+            summary = results[f"stream_{clients}"] = summarise_stream(run)
+            if plan.skip_streams_after_total_failure and summary["failed"] == summary["streams"]:
+                progress(f"  {way.name}: every stream failed; skipping the larger stream runs (--quick)")
+                break
+        if proxy:
+            proxy.check_alive()  # figures from a proxy that died half-way would only measure refused connections
+    # A fresh flaky upstream per way: its seeded faults then come in the same order for every way.
+    async with upstream(FAIL_RATE, workdir, f"flaky-{way.name}") as flaky:
+        async with reach(way, flaky, workdir, "flaky") as (base, _):
+            progress(f"  {way.name}: {FAIL_RATE:.0%} 503, {FAULT_CONCURRENCY} clients")
+            results["faults"] = summarise_faults(await run_clients(base, FAULT_CONCURRENCY, plan.faults, chat))
     return results
 
 
 async def bench(ways: list[Way], plan: Plan, workdir: Path) -> dict[str, dict]:
-    upstreams: list[Process] = []
-    try:
-        clean_process, clean_port = await start("upstream-clean", upstream_argv(0.0), workdir)
-        upstreams.append(clean_process)
-        flaky_process, flaky_port = await start("upstream-flaky", upstream_argv(FAIL_RATE), workdir)
-        upstreams.append(flaky_process)
-        results: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+    async with upstream(0.0, workdir, "clean") as clean:
         for way in ways:
             progress(f"{way.name} ...")
             try:
-                results[way.name] = await measure_way(
-                    way, f"http://127.0.0.1:{clean_port}", f"http://127.0.0.1:{flaky_port}", plan, workdir
-                )
+                results[way.name] = await measure_way(way, clean, plan, workdir)
             except Exception as e:  # one broken way (the addon is being edited) must not cost the others' figures
                 progress(f"  {way.name} failed: {e}")
                 results[way.name] = {"broken": f"{type(e).__name__}: {e}"}
-        add_ttft_overheads(results)
-        return results
-    finally:
-        for process in reversed(upstreams):
-            process.stop()
+    add_ttft_overheads(results)
+    return results
 
 
 # --- the report --------------------------------------------------------------------------------------------------
@@ -513,7 +544,8 @@ def fmt(number: float | None) -> str:
 def ratio(mine: float | None, base: float | None) -> str:
     if mine is None or base is None or base == 0:
         return "—"
-    return f"{mine / base:.2f}"
+    quotient = mine / base
+    return f"{quotient:,.0f}" if quotient >= 100 else f"{quotient:.2f}"
 
 
 def markdown_tables(results: dict, ways: list[str], plan: Plan) -> str:
@@ -528,8 +560,10 @@ def markdown_tables(results: dict, ways: list[str], plan: Plan) -> str:
     for f in rows:
         cells = [ratio(value(results, w, f), value(results, b, f)) for w, b in pairs]
         lines.append(f"| {f.label} | " + " | ".join(cells) + " |")
-    broken = [f"- **{w}** could not be measured: {results[w]['broken']}" for w in ways if "broken" in results.get(w, {})]
-    return "\n".join(lines + ([""] + broken if broken else []))
+    for w in ways:
+        if "broken" in results.get(w, {}):
+            lines += ["", f"**{w}** could not be measured:", "", "```text", results[w]["broken"], "```"]
+    return "\n".join(lines)
 
 
 def git_revision() -> str:
@@ -546,6 +580,8 @@ def git_revision() -> str:
 def environment(quick: bool) -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # Other work on the machine skews every figure; a load near 0 before the run means a quiet machine.
+        "load_average_before": round(os.getloadavg()[0], 2),
         "revision": git_revision(),
         "mode": "quick" if quick else "full",
         "cpus": os.cpu_count(),
@@ -564,8 +600,8 @@ def report(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float
     document = "\n".join([
         "# seaking-proxy benchmark",
         "",
-        f"{env['date']}, revision {env['revision']}, {env['mode']} run ({seconds:.0f} s), {env['cpus']} CPUs, "
-        f"Python {env['python']}, mitmproxy {env['mitmproxy']}.",
+        f"{env['date']}, revision {env['revision']}, {env['mode']} run ({seconds:.0f} s), {env['cpus']} CPUs "
+        f"(load average before: {env['load_average_before']}), Python {env['python']}, mitmproxy {env['mitmproxy']}.",
         "Produced by `benchmarks/bench.py`" + (" --quick" if env["mode"] == "quick" else "") + "; setup and method in "
         "its docstring. Upstream, proxy and load generator are separate processes on loopback.",
         "",
@@ -594,23 +630,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: the whole run takes under a minute")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmark.md"), help="markdown report to write")
-    parser.add_argument("--ways", default=",".join(w.name for w in WAYS),
-                        help="comma-separated subset of: " + ", ".join(w.name for w in WAYS))
+    parser.add_argument("--ways", default=",".join(WAY_NAMES),
+                        help="comma-separated subset of: " + ", ".join(WAY_NAMES))
+    parser.add_argument("--addon", default=str(REPO / "addon.py"), help="seaking-proxy's addon.py (e.g. of another "
+                        "checkout); default: this repository's")
     args = parser.parse_args()
     wanted = args.ways.split(",")
-    unknown = set(wanted) - {w.name for w in WAYS}
+    unknown = set(wanted) - set(WAY_NAMES)
     if unknown:
         parser.error(f"unknown way(s): {', '.join(sorted(unknown))}")
-    ways = [w for w in WAYS if w.name in wanted]
+    ways = [w for w in all_ways(Path(args.addon).resolve()) if w.name in wanted]
     plan = QUICK if args.quick else FULL
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started with `&` from a script, SIGINT is ignored, and children would inherit that: SIGINT could not stop
+        # them. Any handler here is reset to the default in a child.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    env = environment(args.quick)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="seaking-bench-") as workdir:
         results = asyncio.run(bench(ways, plan, Path(workdir)))
     seconds = time.monotonic() - started
 
     names = [w.name for w in ways]
-    tables, document = report(results, names, plan, environment(args.quick), seconds)
+    tables, document = report(results, names, plan, env, seconds)
     print(tables)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ class Received:
     path: str  # with query
     headers: dict[str, str]
     body: bytes
+    disconnected_at: float | None = None  # time.monotonic() when the client went away mid-answer
 
     def json(self):
         return json.loads(self.body)
@@ -257,7 +258,8 @@ class FaultyUpstream:
     async def start(self, port: int = 0) -> str:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+        # handler_cancellation: a client that leaves is noticed at once, as a real server's socket would be.
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
@@ -272,7 +274,11 @@ class FaultyUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         received = Received(request.method, request.path_qs, dict(request.headers), await request.read())
         self.received.append(received)
-        return await self._fault_for(request.path)(request, received)
+        try:
+            return await self._fault_for(request.path)(request, received)
+        except (asyncio.CancelledError, ConnectionResetError):
+            received.disconnected_at = time.monotonic()
+            raise
 
     def _fault_for(self, path: str):
         # Longest endpoint first: "chat/completions" must not be taken for "completions".

@@ -12,8 +12,10 @@ an upstream's answers (copying statuses, piping SSE, hanging on a dropped stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +27,7 @@ import aiohttp
 
 VERSION = "1.19.0"
 INSTALL_TIMEOUT = 600  # seconds; a cold npm install takes about one minute
-START_TIMEOUT = 120  # the first start builds the frontend bundle (~35 s)
+START_TIMEOUT = 120  # the first start on a machine builds the frontend bundle (20-35 s), later ones take ~3 s
 STOP_GRACE = 5
 
 # npm's error codes and messages when the registry cannot be reached.
@@ -37,6 +39,9 @@ _NETWORK_ERRORS = (
 
 class SillyTavernUnavailable(Exception):
     """npm could not fetch SillyTavern (no network, registry down): tests should skip, not fail."""
+
+
+_unavailable: SillyTavernUnavailable | None = None
 
 
 class _PortTaken(RuntimeError):
@@ -57,24 +62,23 @@ def _installed_version(root: Path) -> str | None:
 
 async def _kill_group(process: asyncio.subprocess.Process, grace: float = STOP_GRACE) -> None:
     """SIGTERM the process's group (node and anything it spawned), SIGKILL it if it outlives `grace`."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         if process.returncode is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            await asyncio.wait_for(process.wait(), wait)
-        except TimeoutError:
-            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), grace)
 
 
 async def ensure_installed() -> Path:
     """The directory whose node_modules holds sillytavern@VERSION, installing it first if needed."""
+    global _unavailable
     root = cache_dir()
     if _installed_version(root) == VERSION:
         return root
+    if _unavailable is not None:
+        raise _unavailable  # npm's retries make each offline attempt take about a minute: try once per test run
     npm = shutil.which("npm")
     if npm is None:
         # Not a network problem: a machine without Node must fail loudly rather than skip these tests forever.
@@ -96,14 +100,18 @@ async def ensure_installed() -> Path:
         try:
             output, _ = await asyncio.wait_for(process.communicate(), INSTALL_TIMEOUT)
         except TimeoutError:
-            raise SillyTavernUnavailable(f"npm install sillytavern@{VERSION} took over {INSTALL_TIMEOUT} s") from None
+            _unavailable = SillyTavernUnavailable(f"npm install sillytavern@{VERSION} took over {INSTALL_TIMEOUT} s")
+            raise _unavailable from None
         finally:
             await _kill_group(process)  # a cancelled test must not leave npm running
         log = output.decode(errors="replace")
         tail = "\n".join(log.splitlines()[-30:])
         if process.returncode != 0:
             if any(marker in log for marker in _NETWORK_ERRORS):
-                raise SillyTavernUnavailable(f"npm could not reach its registry:\n{tail}")
+                code = re.search(r"npm error code (\S+)", log)
+                _unavailable = SillyTavernUnavailable(
+                    f"npm could not reach its registry ({code[1] if code else 'network error'}):\n{tail}")
+                raise _unavailable
             raise RuntimeError(f"npm install sillytavern@{VERSION} failed (exit {process.returncode}):\n{tail}")
         if _installed_version(staging) != VERSION:
             raise RuntimeError(f"npm install finished but installed no sillytavern {VERSION}:\n{tail}")
@@ -168,7 +176,7 @@ class SillyTavern:
             for attempt in range(3):  # another process may take our free port before node binds it
                 try:
                     await self._start(package)
-                    return self
+                    break
                 except _PortTaken:
                     await self.close()
                     if attempt == 2:
@@ -176,7 +184,7 @@ class SillyTavern:
         except BaseException:
             await self.close()
             raise
-        raise AssertionError("unreachable")
+        return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
