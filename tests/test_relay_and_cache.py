@@ -1,0 +1,94 @@
+"""relay.py and models_cache.py on their own: a real loopback server and a real file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+import relay as relay_module
+from models_cache import ModelsCache, fallback_models_body, is_models_list
+from relay import Relay, RelayJob
+
+
+async def chunks(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+@pytest.fixture
+async def relay():
+    server = Relay()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_a_job_is_served_once_then_its_token_is_gone(relay, client):
+    closed = []
+    path = relay.register(RelayJob(201, [("x-kind", "test")], chunks(b"a", b"b"), on_close=lambda: closed.append(1)))
+    url = f"http://127.0.0.1:{relay.port}{path}"
+    async with client.get(url) as response:
+        assert (response.status, response.headers["x-kind"], await response.read()) == (201, "test", b"ab")
+    assert closed == [1]
+    async with client.get(url) as response:
+        assert response.status == 404
+    assert relay.pending == 0
+
+
+async def test_an_uncollected_job_expires_and_is_closed(relay, monkeypatch):
+    monkeypatch.setattr(relay_module, "PICKUP_SECONDS", 0.05)
+    closed = asyncio.Event()
+    relay.register(RelayJob(200, [], chunks(b"never sent"), on_close=closed.set))
+    await asyncio.wait_for(closed.wait(), 2)
+    assert relay.pending == 0
+
+
+async def test_stopping_closes_pending_jobs():
+    server = Relay()
+    await server.start()
+    closed = []
+    server.register(RelayJob(200, [], chunks(), on_close=lambda: closed.append(1)))
+    await server.stop()
+    assert closed == [1]
+
+
+async def test_the_relay_listens_on_loopback_only(relay):
+    assert relay._runner.addresses[0][0] == "127.0.0.1"
+    assert await relay.start() == relay.port  # idempotent
+
+
+def test_models_cache_survives_a_new_instance(tmp_path):
+    path = tmp_path / "sub" / "models.json"
+    ModelsCache(path).put("http://u/v1/models", b'{"data": [{"id": "m"}]}')
+    cached = ModelsCache(path).get("http://u/v1/models")
+    assert cached.body == b'{"data": [{"id": "m"}]}'
+    assert cached.age() == 0 and cached.age(now=cached.fetched_at + 90) == 90
+    assert ModelsCache(path).get("http://other/v1/models") is None
+
+
+def test_a_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, caplog):
+    path = tmp_path / "models.json"
+    path.write_text("{not json")
+    cache = ModelsCache(path)
+    assert cache.get("u") is None
+    assert "unreadable" in caplog.text
+    cache.put("u", b'{"data": []}')
+    assert json.loads(path.read_text())["u"]["body"] == '{"data": []}'
+
+
+def test_an_unwritable_cache_keeps_working_in_memory(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = ModelsCache(blocker / "models.json")  # its parent is a file: cannot be created
+    cache.put("u", b'{"data": []}')
+    assert cache.get("u").body == b'{"data": []}'
+    assert "in memory only" in caplog.text
+
+
+def test_model_list_helpers():
+    assert is_models_list(b'{"object": "list", "data": []}')
+    assert not is_models_list(b'{"data": {}}') and not is_models_list(b"nope")
+    assert json.loads(fallback_models_body(("a",)))["data"][0] == {"id": "a", "object": "model", "created": 0, "owned_by": "seaking-proxy"}
+

@@ -1,0 +1,243 @@
+"""End to end: a real SillyTavern 1.19.0 talks to the proxy, which fronts the fault-injecting upstream.
+
+SillyTavern's own backend API is driven as its browser page drives it (tests/sillytavern.py), with the Custom
+(OpenAI-compatible) source pointed at `proxy.url + "/v1"`, so what these tests assert is what a SillyTavern user gets:
+the model list after "Connect", the reply text, and the error message the page shows.
+
+One SillyTavern process serves the whole module. Its client session is bound to the event loop it started in, so the
+tests, and the upstream and proxy fixtures they use, run in one module-wide loop: the conftest fixtures of the same names
+run in per-test loops (asyncio_default_fixture_loop_scope = function), where an upstream or a proxy could not serve a
+request made from the module's loop. They are redeclared below with the same bodies, built from conftest's own parts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import pytest_asyncio
+
+from conftest import start_proxy
+from fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, Status, Stream
+from sillytavern import VERSION, SillyTavern, SillyTavernUnavailable, ensure_installed
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ST_KEY = "sk-st-e2e-key-123456"  # stored in SillyTavern: it sends "Bearer <key>", not "Bearer undefined"
+PROXY_KEY = "sk-proxy-held-key-987654"
+GENERATE_TIMEOUT = 15  # seconds for one whole SillyTavern reply; every test here needs well under 2
+
+
+# --- fixtures: one SillyTavern for the module, a fresh upstream and proxy per test, all in the module's loop ---------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sillytavern(tmp_path_factory):
+    try:
+        await ensure_installed()
+    except SillyTavernUnavailable as error:
+        pytest.skip(f"SillyTavern {VERSION} could not be installed: {error}")
+    async with SillyTavern(tmp_path_factory.mktemp("sillytavern")) as st:
+        await st.store_key(ST_KEY)
+        yield st
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def upstream():
+    server = FaultyUpstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def proxy_factory(tmp_path, upstream):
+    started = []
+
+    async def start(config: dict | None = None, **extra_options):
+        running = await start_proxy(tmp_path, upstream.url, config, **extra_options)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def proxy(proxy_factory):
+    return await proxy_factory()
+
+
+# --- reading SillyTavern's answers ------------------------------------------------------------------------------------
+
+
+def sse_events(body: bytes) -> list:
+    """The `data:` events of an SSE body as SillyTavern's page splits them: JSON documents, and "[DONE]"."""
+    events = []
+    for line in body.decode().splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def streamed_text(events: list) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e.get("choices")
+    )
+
+
+def shown_error(body: bytes) -> str:
+    """The message SillyTavern 1.19 gives its page for a failed non-streaming call: the upstream's reason phrase."""
+    document = json.loads(body)
+    assert set(document) == {"error", "quota_error"}, document
+    return document["error"]["message"]
+
+
+def model_ids(listing) -> list[str]:
+    assert isinstance(listing, dict) and isinstance(listing.get("data"), list), listing
+    return [model["id"] for model in listing["data"]]
+
+
+def authorizations(upstream: FaultyUpstream, endpoint: str) -> set[str]:
+    return {r.headers.get("Authorization") for r in upstream.received_at(endpoint)}
+
+
+def custom_url(proxy) -> str:
+    return proxy.url + "/v1"
+
+
+# --- tests ----------------------------------------------------------------------------------------------------------
+
+
+async def test_connect_lists_models_through_the_proxy_and_from_its_cache_when_upstream_is_down(
+    sillytavern, upstream, proxy
+):
+    status, listing = await sillytavern.list_models(custom_url(proxy))
+    assert status == 200, sillytavern.log_tail()
+    assert model_ids(listing) == list(MODEL_IDS)
+    assert authorizations(upstream, "models") == {f"Bearer {ST_KEY}"}
+
+    upstream.always("models", Status(503))
+    status, listing = await sillytavern.list_models(custom_url(proxy))
+    # Without the proxy SillyTavern answers {"error": true, "data": {"data": []}} here: an empty model list.
+    assert status == 200, sillytavern.log_tail()
+    assert "error" not in listing
+    assert model_ids(listing) == list(MODEL_IDS)
+    failed = upstream.received_at("models")[1:]
+    assert failed, "the second Connect must have asked the upstream again"
+    assert proxy.flows[-1].response.headers["x-seaking-cache"].startswith("stale")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+async def test_reply_arrives_after_two_upstream_503s(sillytavern, upstream, proxy, stream):
+    upstream.script("chat/completions", Status(503), Status(503))
+
+    status, _, body = await sillytavern.generate(custom_url(proxy), stream=stream, timeout=GENERATE_TIMEOUT)
+
+    assert status == 200, (body, sillytavern.log_tail())
+    if stream:
+        events = sse_events(body)
+        assert streamed_text(events) == REPLY_TEXT
+        assert events[-1] == "[DONE]"
+        assert not any(isinstance(e, dict) and "error" in e for e in events)
+    else:
+        assert json.loads(body)["choices"][0]["message"]["content"] == REPLY_TEXT
+    requests = upstream.received_at("chat/completions")
+    assert len(requests) == 3
+    assert authorizations(upstream, "chat/completions") == {f"Bearer {ST_KEY}"}
+    assert requests[-1].json()["stream"] is stream
+
+
+async def test_mid_stream_drop_ends_sillytaverns_reply_with_the_proxys_error(sillytavern, upstream, proxy):
+    upstream.script("chat/completions", Stream(drop_after=2))
+
+    # SillyTavern sets no timeout of its own: pointed straight at this upstream, it never ends its reply when the
+    # connection drops mid-stream (the harness author measured it, and it was re-checked for this test: its reply was
+    # still open after 15 s), so the user's chat hangs until a page reload. Through the proxy the reply must end.
+    started = time.monotonic()
+    status, _, body = await sillytavern.generate(custom_url(proxy), stream=True, timeout=GENERATE_TIMEOUT)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 5, f"SillyTavern's reply took {elapsed:.1f} s to end"
+    assert status == 200, (body, sillytavern.log_tail())
+    events = sse_events(body)
+    assert streamed_text(events) == "Hello from", events  # the two chunks sent before the drop
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1, events
+    assert errors[0]["code"] == "stream_interrupted"
+    assert "dropped in the middle of the stream" in errors[0]["message"]  # what SillyTavern's page shows
+    assert events[-1] == "[DONE]"
+    assert len(upstream.received_at("chat/completions")) == 1  # text was already sent: no retry
+    assert authorizations(upstream, "chat/completions") == {f"Bearer {ST_KEY}"}
+
+
+INVALID_KEY = {
+    "error": {
+        "message": "Incorrect API key provided: sk-st-e2e***3456. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+async def test_rejected_key_fails_fast_with_the_upstreams_message(sillytavern, upstream, proxy, stream):
+    upstream.always("chat/completions", Status(401, INVALID_KEY))
+
+    status, reason, body = await sillytavern.generate(custom_url(proxy), stream=stream, timeout=GENERATE_TIMEOUT)
+
+    if stream:
+        # SillyTavern copies a failed stream's status (401 becomes 400) and reason phrase, and pipes the body; its page
+        # shows error.message of the JSON body.
+        assert status == 400, (body, sillytavern.log_tail())
+        assert "Incorrect API key" in reason
+        assert "Incorrect API key" in json.loads(body)["error"]["message"]
+    else:
+        # SillyTavern answers 200 and passes on only the reason phrase: without the proxy it would read "Unauthorized".
+        assert status == 200, (body, sillytavern.log_tail())
+        message = shown_error(body)
+        assert "Incorrect API key" in message, message
+    assert len(upstream.received_at("chat/completions")) == 1  # 401 is not retried
+    assert authorizations(upstream, "chat/completions") == {f"Bearer {ST_KEY}"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+async def test_retries_exhausted_says_how_many_attempts(sillytavern, upstream, proxy_factory, stream):
+    proxy = await proxy_factory({"error_handling": {"max_retries": 2, "base_delay": 0.01, "max_delay": 0.02}})
+    upstream.always("chat/completions", Status(503))
+
+    started = time.monotonic()
+    status, reason, body = await sillytavern.generate(custom_url(proxy), stream=stream, timeout=GENERATE_TIMEOUT)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 5, f"giving up took {elapsed:.1f} s"
+    if stream:
+        assert status == 503, (body, sillytavern.log_tail())
+        assert "gave up after 3 attempts" in reason
+        error = json.loads(body)["error"]
+        assert error["code"] == "upstream_http_503"
+        assert "gave up after 3 attempts" in error["message"]
+    else:
+        assert status == 200, (body, sillytavern.log_tail())
+        message = shown_error(body)
+        assert "gave up after 3 attempts" in message, message
+        assert "503" in message
+    assert len(upstream.received_at("chat/completions")) == 3
+    assert authorizations(upstream, "chat/completions") == {f"Bearer {ST_KEY}"}
+
+
+async def test_key_held_by_the_proxy_replaces_sillytaverns(sillytavern, upstream, proxy_factory):
+    proxy = await proxy_factory({"target_proxy": {"api_key": PROXY_KEY}})
+
+    status, listing = await sillytavern.list_models(custom_url(proxy))
+    assert status == 200 and model_ids(listing) == list(MODEL_IDS), sillytavern.log_tail()
+    status, _, body = await sillytavern.generate(custom_url(proxy), stream=True, timeout=GENERATE_TIMEOUT)
+    assert status == 200 and streamed_text(sse_events(body)) == REPLY_TEXT, (body, sillytavern.log_tail())
+
+    assert authorizations(upstream, "models") == {f"Bearer {PROXY_KEY}"}
+    assert authorizations(upstream, "chat/completions") == {f"Bearer {PROXY_KEY}"}
