@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class TargetProxySection:
     max_retries: int | None = field(default=None, metadata=_range(low=0))
     retry_delay: float | None = field(default=None, metadata=_range(low=0))
     retry_backoff: float = field(default=2, metadata=_range(low=1))
+    weight: float = field(default=1, metadata=_range(low=0))  # with load_balancing: weighted
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,44 @@ class StreamingSection:
 
 
 @dataclass(frozen=True)
+class TargetSection:
+    """A further upstream, tried after target_proxy's when that one fails (or shares the load with it)."""
+
+    url: str
+    api_key: str | None = None
+    weight: float = field(default=1, metadata=_range(low=0))
+
+
+@dataclass(frozen=True)
+class CircuitBreakerSection:
+    failure_threshold: int = field(default=5, metadata=_range(low=1))  # consecutive failures that open a breaker
+    open_seconds: float = field(default=30, metadata=_range(low=0))  # then one probe request is let through
+
+
+@dataclass(frozen=True)
+class HealthCheckSection:
+    interval: float = field(default=30, metadata=_range(low=0))  # seconds between probes; 0 turns them off
+
+
+@dataclass(frozen=True)
+class RetryBudgetSection:
+    percent: float = field(default=20, metadata=_range(low=0))  # retries may add this share of requests ...
+    min_per_second: float = field(default=3, metadata=_range(low=0))  # ... but always at least this many per second
+
+
+@dataclass(frozen=True)
 class Config:
     target_proxy: TargetProxySection = TargetProxySection()
     error_handling: ErrorHandlingSection = ErrorHandlingSection()
     server: ServerSection = ServerSection()
     models: ModelsSection = ModelsSection()
     streaming: StreamingSection = StreamingSection()
+    targets: tuple[TargetSection, ...] = ()
+    load_balancing: typing.Literal["priority", "round_robin", "weighted"] = "priority"
+    model_fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    circuit_breaker: CircuitBreakerSection = CircuitBreakerSection()
+    health_check: HealthCheckSection = HealthCheckSection()
+    retry_budget: RetryBudgetSection = RetryBudgetSection()
 
     @property
     def retry(self) -> RetryPolicy:
@@ -126,14 +160,14 @@ def load_config(path: str | os.PathLike, environ: Mapping[str, str] = os.environ
 
 def parse_config(raw: object, environ: Mapping[str, str] = os.environ) -> Config:
     """Validate a parsed YAML document; environment variables override the keys."""
-    config = _build(Config, raw, "")
+    config = _build(Config, raw, "", environ)
     config = _reconcile_twin_keys(config)
     config = _apply_environment(config, environ)
     _check_relations(config)
     return config
 
 
-def _build(cls: type, data: object, prefix: str):
+def _build(cls: type, data: object, prefix: str, environ: Mapping[str, str]):
     if not isinstance(data, Mapping):
         where = prefix.rstrip(".") or "config"
         raise ConfigError(f"{where}: must be a mapping of keys, got {_type_name(data)}")
@@ -144,36 +178,44 @@ def _build(cls: type, data: object, prefix: str):
             raise ConfigError(f"{prefix}{key}: unknown key (known keys here: {', '.join(fields)})")
     values = {}
     for name, f in fields.items():
-        if name not in data:
-            continue
         key = prefix + name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, data[name], key + ".")
-        else:
-            values[name] = _check_value(key, hint, data[name], f.metadata)
+        if name in data:
+            values[name] = _convert(key, hints[name], data[name], f.metadata, environ)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: must be set")
     return cls(**values)
 
 
-def _check_value(key: str, hint, value, limits: Mapping):
-    optional = type(None) in typing.get_args(hint)
+def _convert(key: str, hint, value, limits: Mapping, environ: Mapping[str, str]):
+    """Check `value` against the type `hint` (and limits); returns it in the dataclass's form."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", environ)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        return None if value is None else _convert(key, next(a for a in args if a is not type(None)), value, limits, environ)
     if value is None:
-        if optional:
-            return None
         raise ConfigError(f"{key}: must not be empty")
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    if typing.get_origin(base) is tuple:
-        item_type = typing.get_args(base)[0]
+    if origin is tuple:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: must be a list of {item_type.__name__}, got {_type_name(value)}")
-        return tuple(_check_scalar(f"{key}[{i}]", item_type, item, limits) for i, item in enumerate(value))
-    return _check_scalar(key, base, value, limits)
+            raise ConfigError(f"{key}: must be a list of {_describe(args[0])}, got {_type_name(value)}")
+        return tuple(_convert(f"{key}[{i}]", args[0], item, limits, environ) for i, item in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a mapping, got {_type_name(value)}")
+        return {str(k): _convert(f"{key}.{k}", args[1], v, limits, environ) for k, v in value.items()}
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    return _check_scalar(key, hint, value, limits, environ)
 
 
-def _check_scalar(key: str, expected: type, value, limits: Mapping):
+def _check_scalar(key: str, expected: type, value, limits: Mapping, environ: Mapping[str, str]):
     # bool is an int in Python, but `timeout: true` is a mistake, not 1 second.
     if isinstance(value, bool) or not isinstance(value, _ACCEPTED[expected]):
         raise ConfigError(f"{key}: must be {_DESCRIBED[expected]}, got {_type_name(value)} {value!r}")
+    if expected is str:
+        return _expand_environment(key, value, environ)
     if expected is float and not math.isfinite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     low, high = limits.get("low"), limits.get("high")
@@ -184,8 +226,24 @@ def _check_scalar(key: str, expected: type, value, limits: Mapping):
     return value
 
 
+def _expand_environment(key: str, value: str, environ: Mapping[str, str]) -> str:
+    """`${VAR}` in any string is read from the environment, so keys need not be written into the file."""
+
+    def lookup(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"{key}: environment variable {name} is not set")
+        return environ[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lookup, value)
+
+
 _ACCEPTED = {int: int, float: (int, float), str: str}
 _DESCRIBED = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def _describe(hint) -> str:
+    return {int: "whole numbers", float: "numbers", str: "strings"}.get(hint, "mappings")
 
 
 def _type_name(value: object) -> str:
@@ -222,13 +280,18 @@ def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
 
 
 def _check_relations(config: Config) -> None:
-    url = config.target_proxy.url
-    if url is not None:
+    urls = [("target_proxy.url", config.target_proxy.url)] + [(f"targets[{i}].url", t.url) for i, t in enumerate(config.targets)]
+    for key, url in urls:
+        if url is None:
+            continue
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"target_proxy.url: must be an http:// or https:// URL with a host, got {url!r}")
+            raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, got {url!r}")
         if parts.query or parts.fragment:
-            raise ConfigError(f"target_proxy.url: must not have a query or fragment, got {url!r}")
+            raise ConfigError(f"{key}: must not have a query or fragment, got {url!r}")
+    for model, fallbacks in config.model_fallbacks.items():
+        if model in fallbacks:
+            raise ConfigError(f"model_fallbacks.{model}: a model cannot be its own fallback")
     handling = config.error_handling
     for key in ("retry_codes", "fail_codes"):
         for code in getattr(handling, key):
@@ -244,7 +307,9 @@ def _check_relations(config: Config) -> None:
             f"error_handling.base_delay ({handling.base_delay:g}) is larger than error_handling.max_delay "
             f"({handling.max_delay:g})"
         )
-    for key, secret in (("target_proxy.api_key", config.target_proxy.api_key), ("server.access_key", config.server.access_key)):
+    secrets = [("target_proxy.api_key", config.target_proxy.api_key), ("server.access_key", config.server.access_key)]
+    secrets += [(f"targets[{i}].api_key", t.api_key) for i, t in enumerate(config.targets)]
+    for key, secret in secrets:
         if secret is not None and (not secret.strip() or any(c in secret for c in "\r\n")):
             raise ConfigError(f"{key}: must be a non-empty single-line string")
     if config.server.access_key and not config.target_proxy.api_key:

@@ -80,14 +80,27 @@ def test_twin_keys_are_one_setting(target_proxy, error_handling, max_retries, ba
         ({"error_handling": {"max_delay": -5}}, "error_handling.max_delay", "at least 0"),
         ({"error_handling": {"base_delay": 10, "max_delay": 5}}, "error_handling.base_delay", "larger than"),
         ({"error_handling": {"retry_codes": [429, 401]}}, "error_handling.retry_codes", "[401]"),
-        ({"error_handling": {"retry_codes": 503}}, "error_handling.retry_codes", "must be a list"),
+        ({"error_handling": {"retry_codes": 503}}, "error_handling.retry_codes", "must be a list of whole numbers"),
         ({"error_handling": {"retry_codes": ["503"]}}, "error_handling.retry_codes[0]", "whole number"),
         ({"error_handling": {"fail_codes": [99]}}, "error_handling.fail_codes", "not an HTTP status"),
         ({"error_handling": {"deadline": None}}, "error_handling.deadline", "must not be empty"),
         ({"error_handling": {"max_retry": 3}}, "error_handling.max_retry", "unknown key"),
         ({"server": {"access_key": "k"}}, "server.access_key", "target_proxy.api_key"),
         ({"server": {"max_body_bytes": 0}}, "server.max_body_bytes", "at least 1"),
-        ({"models": {"fallback": "gpt-4o"}}, "models.fallback", "list of str"),
+        ({"models": {"fallback": "gpt-4o"}}, "models.fallback", "must be a list of strings"),
+        ({"targets": [{"api_key": "k"}]}, "targets[0].url", "must be set"),
+        ({"targets": [{"url": "ftp://b"}]}, "targets[0].url", "http://"),
+        ({"targets": [{"url": "https://b", "weight": -1}]}, "targets[0].weight", "at least 0"),
+        ({"targets": [{"url": "https://b", "key": "k"}]}, "targets[0].key", "unknown key"),
+        ({"targets": {"url": "https://b"}}, "targets", "must be a list of mappings"),
+        ({"targets": [{"url": "https://b", "api_key": "${SEAKING_TEST_UNSET_VAR}"}]}, "targets[0].api_key", "SEAKING_TEST_UNSET_VAR is not set"),
+        ({"load_balancing": "random"}, "load_balancing", "priority, round_robin, weighted"),
+        ({"model_fallbacks": ["a"]}, "model_fallbacks", "must be a mapping"),
+        ({"model_fallbacks": {"a": "b"}}, "model_fallbacks.a", "must be a list of strings"),
+        ({"model_fallbacks": {"a": ["b", "a"]}}, "model_fallbacks.a", "its own fallback"),
+        ({"circuit_breaker": {"failure_threshold": 0}}, "circuit_breaker.failure_threshold", "at least 1"),
+        ({"health_check": {"interval": -1}}, "health_check.interval", "at least 0"),
+        ({"retry_budget": {"percent": "20%"}}, "retry_budget.percent", "must be a number"),
         ({"modles": {}}, "modles", "unknown key"),
         ({"target_proxy": ["url"]}, "target_proxy", "must be a mapping"),
         (["target_proxy"], "config", "must be a mapping"),
@@ -131,3 +144,21 @@ def test_models_cache_path(tmp_path, monkeypatch):
     assert parse_config({"models": {"cache_file": str(tmp_path / "m.json")}}, environ={}).models_cache_path == tmp_path / "m.json"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert parse_config({}, environ={}).models_cache_path == tmp_path / "seaking-proxy" / "models.json"
+
+
+def test_failover_sections():
+    raw = {
+        "targets": [{"url": "https://b.example/v1", "api_key": "${BACKUP_KEY}", "weight": 3}, {"url": "http://c"}],
+        "load_balancing": "weighted",
+        "model_fallbacks": {"gpt-4.1-mini": ["gpt-4o-mini", "gpt-4o"]},
+    }
+    config = parse_config(raw, environ={"BACKUP_KEY": "sk-backup"})
+    assert [(t.url, t.api_key, t.weight) for t in config.targets] == [("https://b.example/v1", "sk-backup", 3), ("http://c", None, 1)]
+    assert config.load_balancing == "weighted"
+    assert config.model_fallbacks == {"gpt-4.1-mini": ("gpt-4o-mini", "gpt-4o")}
+    assert (config.circuit_breaker.failure_threshold, config.health_check.interval, config.retry_budget.percent) == (5, 30, 20)
+
+
+def test_environment_references_work_in_any_string():
+    config = parse_config({"target_proxy": {"url": "https://${HOST}/v1", "api_key": "${KEY}"}}, environ={"HOST": "h", "KEY": "k1"})
+    assert (config.target_proxy.url, config.target_proxy.api_key) == ("https://h/v1", "k1")
