@@ -25,7 +25,8 @@ import logging
 import math
 import time
 
-from mitmproxy import ctx, exceptions, http
+import aiohttp
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
 from answers import ProxyError, forwardable_headers, upstream_error_response, upstream_error_text, upstream_response
@@ -33,14 +34,16 @@ from config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from models_cache import ModelsCache, fallback_models_body, is_models_list
 from redaction import bearer_token, client_secrets, redact_headers, scrub, scrub_response
 from relay import Relay, RelayJob
-from retry_policy import Failure, Outcome, StopReason, Verdict
+from retry_policy import Failure, Outcome, RetryBudget, StopReason, Verdict, classify_exception, classify_response
 from routing import Route, route
 from streaming import LiveStream, client_stream, completion_as_sse
-from upstream import UpstreamAttempt, UpstreamClient, UpstreamRequest, describe_history, upstream_headers
+from targets import CircuitBreaker, Target, TargetPool
+from upstream import Failover, UpstreamAttempt, UpstreamClient, UpstreamRequest, describe_history
 
 logger = logging.getLogger("seaking")
 
 CACHE_HEADER = "x-seaking-cache"
+STATUS_PATH = "/_seaking/status"
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
 
 
@@ -53,6 +56,8 @@ class SeakingProxy:
         # flow.id -> the true upstream URL, while mitmproxy fetches that flow's streaming answer from the relay
         self._relayed: dict[str, str] = {}
         self._records_streamed_bodies = False
+        self.failover: Failover | None = None
+        self._health_checks: asyncio.Task | None = None
 
     # --- mitmproxy lifecycle -------------------------------------------------------------------------------------
 
@@ -72,6 +77,8 @@ class SeakingProxy:
     def configure(self, updated: set[str]) -> None:
         if "seaking_config" in updated or self.config is None:
             self._load_config(ctx.options.seaking_config)
+        if updated & {"seaking_config", "mode"} or self.failover is None:
+            self.failover = build_failover(self.config, ctx.options.mode)
         if updated & {"seaking_config", "listen_host", "mode"}:
             problem = exposure_problem(self.config, ctx.options.listen_host, ctx.options.mode)
             if problem:
@@ -81,6 +88,7 @@ class SeakingProxy:
         # With mitmproxy's default (eager), an unreachable target closes every client connection before any hook
         # runs; we answer everything ourselves, so mitmproxy should connect only when a flow asks it to.
         ctx.options.update(connection_strategy="lazy")
+        self._health_checks = asyncio.get_running_loop().create_task(self._check_health_forever())
 
     def done(self) -> None:
         # done must stay synchronous (script reload calls it so); the sockets close on the loop.
@@ -88,6 +96,8 @@ class SeakingProxy:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop left at interpreter exit
             return
+        if self._health_checks is not None:
+            self._health_checks.cancel()
         loop.create_task(self.upstream.close())
         loop.create_task(self.relay.stop())
 
@@ -148,26 +158,31 @@ class SeakingProxy:
         refusal = self._check_access(request) or self._check_body(request)
         if refusal:
             return refusal.response()
-        target = route(config.target_proxy.url or _reverse_target(request), request.path)
-        wants_stream = False
+        if request.path == STATUS_PATH and request.method == "GET":
+            return _json_response(json.dumps(self.status(), indent=2).encode(), {})
+        target = route(self.failover.pool.targets[0].base_url, request.path)  # the endpoint; URLs come per attempt
+        document: dict = {}
         if target.expects_json_body and request.method == "POST":
             document, problem = _json_object(request)
             if problem:
                 return ProxyError(400, problem, "invalid_json", type="invalid_request_error").response()
-            wants_stream = document.get("stream") is True
+        wants_stream = document.get("stream") is True
+        model = document.get("model") if isinstance(document.get("model"), str) else None
         started = time.time()
         exchange = asyncio.create_task(
             self.upstream.exchange(
                 config.retry,
                 UpstreamRequest(
                     method=request.method,
-                    url=target.url,
-                    headers=upstream_headers(request.headers.items(multi=True), config.target_proxy.api_key),
+                    path=request.path,
+                    headers=list(request.headers.items(multi=True)),
                     body=request.raw_content or b"",
                     expects_json=target.endpoint is not None,
+                    model=model,
                     first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
                 ),
-                on_retry=lambda last, number, wait: self._log_retry(request.method, target, last, number, wait, secrets),
+                self.failover,
+                on_retry=lambda last, number, wait: self._log_retry(request.method, last, number, wait, secrets),
             )
         )
         if wants_stream:
@@ -178,16 +193,19 @@ class SeakingProxy:
         outcome, history = await exchange
         elapsed = time.time() - started
         last = outcome.last
+        target = route(last.target.base_url, request.path)  # where the answer came from
         if last.stream is not None:
             self._annotate(flow, history, elapsed, proxy_made=False)
-            await self._relay(flow, target, last.status, forwardable_headers(last.raw_headers), _resolved(last.stream))
+            headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
+            await self._relay(flow, target, last.status, headers, _resolved(last.stream))
             return None
         # Show the true upstream in mitmweb and recordings, with how we got the answer.
         flow.request.url = target.url
-        answer = self._models_answer(target, outcome) if target.is_models else None
+        answer = self._models_answer(request.path, outcome) if target.is_models else None
         proxy_made = answer is not None or last.classification.verdict is Verdict.RETRY
         if answer is None:
             answer = self._final_answer(outcome, elapsed, started)
+        answer.headers.update(seaking_headers(outcome))
         self._annotate(flow, history, elapsed, proxy_made, answer.status_code)
         return answer
 
@@ -272,17 +290,20 @@ class SeakingProxy:
             type="invalid_request_error",
         )
 
-    def _models_answer(self, target: Route, outcome: Outcome[UpstreamAttempt]) -> http.Response | None:
+    def _models_answer(self, path: str, outcome: Outcome[UpstreamAttempt]) -> http.Response | None:
         """/models: cache a good list; when the upstream is unavailable, answer from the cache or the fallback list."""
         last = outcome.last
         verdict = last.classification.verdict
         if verdict is Verdict.SUCCESS:
             if is_models_list(last.body):
-                self.models_cache.put(target.url, last.body)
+                self.models_cache.put(route(last.target.base_url, path).url, last.body)
             return None
         if verdict is not Verdict.RETRY:
             return None  # a 401/404 is not an outage: the user needs to see it, not a stale list
-        cached = self.models_cache.get(target.url)
+        cached = next(
+            (c for t in self.failover.pool.targets if (c := self.models_cache.get(route(t.base_url, path).url))),
+            None,
+        )
         if cached is not None:
             age = cached.age()
             logger.warning(f"/models: upstream unavailable ({last.classification.detail}); serving the list cached {age} s ago")
@@ -352,11 +373,10 @@ class SeakingProxy:
 
     # --- what people see: logs and mitmweb -----------------------------------------------------------------------
 
-    def _log_retry(
-        self, method: str, target: Route, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]
-    ) -> None:
+    def _log_retry(self, method: str, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]) -> None:
+        where = last.target.host if last.target else "upstream"
         logger.info(
-            f"{method} {target.url}: attempt {number}/{self.config.retry.max_attempts} failed: "
+            f"{method} {where}: attempt {number} of at most {self.config.retry.max_attempts} failed: "
             f"{scrub(last.classification.detail, secrets)}; retrying in {wait:.1f} s"
         )
 
@@ -374,7 +394,52 @@ class SeakingProxy:
             flow.comment = summary
 
     def _configured_secrets(self) -> set[str]:
-        return {k for k in (self.config.target_proxy.api_key, self.config.server.access_key) if k}
+        keys = [t.api_key for t in self.failover.pool.targets] + [self.config.server.access_key]
+        return {k for k in keys if k}
+
+    # --- failover: health and status -----------------------------------------------------------------------------
+
+    async def _check_health_forever(self) -> None:
+        """Probe targets whose breaker is open (or that were never used) so that they come back without waiting
+        for live traffic to risk a request on them."""
+        while True:
+            interval = self.config.health_check.interval if self.config else 0
+            if interval <= 0:
+                await asyncio.sleep(1)
+                continue
+            doubtful = [t for t in self.failover.pool.targets if t.state != "closed"]
+            await asyncio.gather(*(self._probe(t) for t in doubtful))
+            await asyncio.sleep(interval)
+
+    async def _probe(self, target: Target) -> None:
+        policy = self.config.retry
+        url = route(target.base_url, "/v1/models").url
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(policy.per_try_timeout):
+                async with self.upstream.session().get(url, headers=headers, allow_redirects=False) as response:
+                    body = await response.read()
+            verdict = classify_response(policy, response.status, response.content_type, body, expects_json=True)
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:
+            verdict = classify_exception(e)
+        failed = verdict.verdict is Verdict.RETRY
+        target.record(ok=not failed, latency=time.monotonic() - started, error=f"health check: {verdict.detail}" if failed else None)
+        if not failed and target.breaker.opened_at is None:
+            logger.info(f"health check: {target.host} answers again")
+
+    def status(self) -> dict:
+        budget = self.failover.budget
+        return {
+            "load_balancing": self.failover.pool.strategy,
+            "targets": [t.status() for t in self.failover.pool.targets],
+            "retry_budget": None if budget is None else {"percent": budget.percent, "min_per_second": budget.min_per_second},
+        }
+
+    @command.command("seaking.status")
+    def status_command(self) -> str:
+        """Each target's state, last error and latency (no secrets)."""
+        return json.dumps(self.status(), indent=2)
 
 
 class StreamedBodyRecorder:
@@ -394,7 +459,8 @@ class StreamedBodyRecorder:
 
 def exposure_problem(config: Config, listen_host: str, modes: list[str]) -> str | None:
     """With the key in the proxy and no access key, a proxy reachable from the network spends the key for anyone."""
-    if not config.target_proxy.api_key or config.server.access_key:
+    holds_a_key = config.target_proxy.api_key or any(t.api_key for t in config.targets)
+    if not holds_a_key or config.server.access_key:
         return None
     for spec in modes:
         mode = mode_specs.ProxyMode.parse(spec)
@@ -409,6 +475,47 @@ def exposure_problem(config: Config, listen_host: str, modes: list[str]) -> str 
     return None
 
 
+def build_failover(config: Config, modes: list[str]) -> Failover:
+    primary = config.target_proxy.url or reverse_target(modes)
+    if primary is None:
+        raise exceptions.OptionsError(
+            "seaking-proxy needs an upstream: run mitmproxy with --mode reverse:<url>, or set target_proxy.url"
+        )
+    breaker = config.circuit_breaker
+    sections = [(primary, config.target_proxy.api_key, config.target_proxy.weight)]
+    sections += [(t.url, t.api_key, t.weight) for t in config.targets]
+    targets = [
+        Target(url, api_key, weight, CircuitBreaker(breaker.failure_threshold, breaker.open_seconds))
+        for url, api_key, weight in sections
+    ]
+    budget = RetryBudget(config.retry_budget.percent, config.retry_budget.min_per_second)
+    return Failover(TargetPool(targets, config.load_balancing), budget, config.model_fallbacks)
+
+
+def reverse_target(modes: list[str]) -> str | None:
+    """The first --mode reverse:<url> target, as a base URL."""
+    for spec in modes:
+        mode = mode_specs.ProxyMode.parse(spec)
+        if isinstance(mode, mode_specs.ReverseMode):
+            scheme = "https" if mode.scheme in ("https", "http3", "tls", "dtls", "quic") else "http"
+            host, port = mode.address
+            default = {"http": 80, "https": 443}[scheme]
+            netloc = f"[{host}]" if ":" in host else host
+            return f"{scheme}://{netloc}" + ("" if port == default else f":{port}")
+    return None
+
+
+def seaking_headers(outcome: Outcome[UpstreamAttempt]) -> dict[str, str]:
+    """Where an answer came from: attempts, the target's host (never its URL or key), the model."""
+    last = outcome.last
+    headers = {"x-seaking-attempts": str(outcome.attempts)}
+    if last.target is not None:
+        headers["x-seaking-target"] = last.target.host
+    if last.model:
+        headers["x-seaking-model"] = last.model
+    return headers
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -416,13 +523,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _reverse_target(request: http.Request) -> str:
-    """Without target_proxy.url, the --mode reverse target (mitmproxy put it on the request) is the base."""
-    default_port = {"http": 80, "https": 443}[request.scheme]
-    port = "" if request.port == default_port else f":{request.port}"
-    return f"{request.scheme}://{request.host}{port}"
 
 
 def _json_object(request: http.Request) -> tuple[dict, str | None]:

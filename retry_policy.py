@@ -14,14 +14,18 @@ import enum
 import json
 import math
 import os
+import random
+import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, stop_before_delay
-from tenacity.wait import wait_base, wait_random_exponential
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 
 class Verdict(enum.Enum):
@@ -45,6 +49,7 @@ class Classification:
     verdict: Verdict
     detail: str = ""  # what happened, for people: logs, error messages, mitmweb comments
     failure: Failure | None = None
+    model_unavailable: bool = False  # the upstream said the requested model is missing or overloaded
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,13 @@ def classify_response(
     policy: RetryPolicy, status: int, content_type: str, body: bytes, expects_json: bool
 ) -> Classification:
     """Judge a complete upstream answer. `expects_json`: the endpoint answers JSON (chat, models, ...)."""
+    model_unavailable = not 200 <= status < 300 and says_model_unavailable(body)
     if status in policy.fail_codes:
-        return Classification(Verdict.FAIL_FAST, f"upstream answered {status}")
+        return Classification(Verdict.FAIL_FAST, f"upstream answered {status}", model_unavailable=model_unavailable)
     if status in policy.retry_codes:
-        return Classification(Verdict.RETRY, f"upstream answered {status}", Failure.STATUS)
+        return Classification(Verdict.RETRY, f"upstream answered {status}", Failure.STATUS, model_unavailable)
     if not 200 <= status < 300:
-        return Classification(Verdict.PASS_THROUGH, f"upstream answered {status}")
+        return Classification(Verdict.PASS_THROUGH, f"upstream answered {status}", model_unavailable=model_unavailable)
     judged_as_json = (expects_json and "event-stream" not in content_type.lower()) or "json" in content_type.lower()
     if not judged_as_json:
         return Classification(Verdict.SUCCESS)
@@ -84,9 +90,30 @@ def classify_response(
         return Classification(Verdict.RETRY, f"upstream answered {status} with a body that is not JSON", Failure.BROKEN)
     if isinstance(document, dict) and document.get("error"):
         return Classification(
-            Verdict.RETRY, f"upstream answered {status} with an error: {error_message(document)}", Failure.BROKEN
+            Verdict.RETRY,
+            f"upstream answered {status} with an error: {error_message(document)}",
+            Failure.BROKEN,
+            says_model_unavailable(body),
         )
     return Classification(Verdict.SUCCESS)
+
+
+_MODEL_TROUBLE = re.compile(
+    r"overloaded|model_not_found|model.{0,80}(not found|does not exist|unavailable|not available|not supported|disabled)"
+    r"|no (available )?(endpoints|providers|channels?) (found )?(for|available)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def says_model_unavailable(body: bytes) -> bool:
+    """Whether an error body says the model is missing or overloaded, so that another model may do better."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        text = body[:2000].decode("utf-8", "replace")
+    else:
+        text = json.dumps(document)[:2000]
+    return bool(_MODEL_TROUBLE.search(text))
 
 
 def classify_exception(exc: BaseException) -> Classification:
@@ -176,6 +203,80 @@ class wait_retry_after(wait_base):
         return self.fallback(retry_state)
 
 
+class wait_full_jitter(wait_base):
+    """A random wait in [0, min(cap, base × multiplier^(n-1))], n counting failed rounds ("full jitter").
+
+    A round is one attempt per target; with a single target, rounds are attempts.
+    """
+
+    def __init__(
+        self, base: float, multiplier: float, cap: float, rounds: Callable[[RetryCallState], int] | None = None
+    ) -> None:
+        self.base, self.multiplier, self.cap = base, multiplier, cap
+        self.rounds = rounds or (lambda state: state.attempt_number)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exponent = max(0, self.rounds(retry_state) - 1)
+        try:
+            ceiling = min(self.cap, self.base * self.multiplier**exponent)
+        except OverflowError:
+            ceiling = self.cap
+        return random.uniform(0, ceiling)
+
+
+class wait_unless(wait_base):
+    """No wait while `free()` says the next attempt goes somewhere fresh (another target); else the fallback."""
+
+    def __init__(self, free: Callable[[], bool], fallback: wait_base) -> None:
+        self.free, self.fallback = free, fallback
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        return 0.0 if self.free() else self.fallback(retry_state)
+
+
+def backoff(policy: RetryPolicy, rounds: Callable[[RetryCallState], int] | None = None) -> wait_base:
+    """The policy's wait: what Retry-After asks, else jittered exponential back-off."""
+    return wait_retry_after(fallback=wait_full_jitter(policy.base_delay, policy.backoff, policy.max_delay, rounds))
+
+
+class RetryBudget:
+    """Retries may add at most `percent` % of the requests seen over a sliding window, and always `min_per_second`.
+
+    When the upstream is down for everyone, every request would retry max_retries times and multiply the load on it;
+    a budget (the idea of Envoy's and gRPC's retry budgets) caps retries at a share of the traffic instead.
+    """
+
+    WINDOW = 10.0  # seconds
+
+    def __init__(self, percent: float, min_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.percent, self.min_per_second, self.clock = percent, min_per_second, clock
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def record_request(self) -> None:
+        self._requests.append(self.clock())
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget if there is one left."""
+        now = self.clock()
+        for times in (self._requests, self._retries):
+            while times and times[0] <= now - self.WINDOW:
+                times.popleft()
+        allowed = max(self.min_per_second * self.WINDOW, self.percent / 100 * len(self._requests))
+        if len(self._retries) >= allowed:
+            return False
+        self._retries.append(now)
+        return True
+
+
+class stop_over_budget(stop_base):
+    def __init__(self, budget: RetryBudget) -> None:
+        self.budget = budget
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return not self.budget.try_spend()
+
+
 def _is_retryable(attempt: Attempt) -> bool:
     return attempt.classification.verdict is Verdict.RETRY
 
@@ -184,6 +285,7 @@ class StopReason(enum.Enum):
     ANSWERED = "answered"  # the last attempt was not worth retrying: success, fail-fast or pass-through
     ATTEMPTS = "attempts"  # max_retries used up
     DEADLINE = "deadline"  # the next wait would have passed the deadline
+    BUDGET = "budget"  # the retry budget is spent: the upstream is failing for everyone
 
 
 @dataclass(frozen=True)
@@ -198,29 +300,42 @@ async def run_with_retries(
     policy: RetryPolicy,
     attempt: Callable[[float], Awaitable[A]],
     on_retry: Callable[[A, int, float], None] = lambda last, number, wait: None,
+    *,
+    wait: wait_base | None = None,
+    budget: RetryBudget | None = None,
+    give_up_on: Callable[[A], bool] = lambda attempt: False,
 ) -> Outcome[A]:
-    """Call `attempt(deadline_at)` until it is worth no retry, attempts run out, or the deadline would be passed.
+    """Call `attempt(deadline_at)` until it is worth no retry, attempts run out, the deadline would be passed, or
+    the retry budget is spent.
 
     `deadline_at` is a time.monotonic() instant the attempt must not outlive. Attempts report failures in their
-    classification instead of raising. `on_retry(last, attempt_number, wait)` runs before each back-off wait.
+    classification instead of raising. `on_retry(last, attempt_number, wait)` runs before each wait. `wait` defaults
+    to `backoff(policy)`. `give_up_on(attempt)` ends retrying early (the caller has something better to try).
     """
     deadline_at = time.monotonic() + policy.deadline
 
     def give_up(state: RetryCallState) -> Outcome[A]:
-        at_limit = state.attempt_number >= policy.max_attempts
+        if state.attempt_number >= policy.max_attempts:
+            stopped = StopReason.ATTEMPTS
+        elif state.seconds_since_start + state.upcoming_sleep >= policy.deadline:
+            stopped = StopReason.DEADLINE
+        else:
+            stopped = StopReason.BUDGET
         return Outcome(
             last=state.outcome.result(),
             attempts=state.attempt_number,
-            stopped=StopReason.ATTEMPTS if at_limit else StopReason.DEADLINE,
-            refused_wait=None if at_limit else state.upcoming_sleep,
+            stopped=stopped,
+            refused_wait=state.upcoming_sleep if stopped is StopReason.DEADLINE else None,
         )
 
+    # Order matters: the budget is only charged for a retry that nothing else stops.
+    stop = stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.deadline)
+    if budget is not None:
+        stop = stop | stop_over_budget(budget)
     retrying = AsyncRetrying(
-        retry=retry_if_result(_is_retryable),
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.deadline),
-        wait=wait_retry_after(
-            fallback=wait_random_exponential(multiplier=policy.base_delay, exp_base=policy.backoff, max=policy.max_delay)
-        ),
+        retry=retry_if_result(lambda attempt: _is_retryable(attempt) and not give_up_on(attempt)),
+        stop=stop,
+        wait=wait or backoff(policy),
         before_sleep=lambda state: on_retry(state.outcome.result(), state.attempt_number, state.upcoming_sleep),
         retry_error_callback=give_up,
     )
@@ -228,4 +343,3 @@ async def run_with_retries(
     if isinstance(result, Outcome):
         return result
     return Outcome(last=result, attempts=retrying.statistics["attempt_number"], stopped=StopReason.ANSWERED)
-

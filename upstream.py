@@ -7,25 +7,34 @@ so the addon does not let mitmproxy talk to the upstream: it calls `UpstreamClie
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from streaming import LiveStream, is_event_stream, read_first_event
 from retry_policy import (
     Classification,
     Outcome,
+    RetryBudget,
     RetryPolicy,
+    StopReason,
+    Verdict,
+    backoff,
     classify_exception,
     classify_response,
     retry_after_seconds,
     run_with_retries,
+    wait_unless,
 )
+from routing import route
+from streaming import LiveStream, is_event_stream, read_first_event
+from targets import Target, TargetPool
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("seaking")
 
 # Hop-by-hop headers, and those aiohttp must set itself (it decodes only the encodings it offers).
 _NOT_SENT_UPSTREAM = frozenset(
@@ -59,6 +68,8 @@ class UpstreamAttempt:
     body: bytes = b""  # the whole body; for a live stream, what was read of it so far
     retry_after: float | None = None
     stream: LiveStream | None = None  # a streaming success: the open upstream response, to be relayed
+    target: Target | None = None
+    model: str | None = None  # the model asked for in this attempt (a fallback model, perhaps)
 
     @property
     def label(self) -> str:
@@ -70,12 +81,34 @@ class UpstreamAttempt:
 
 @dataclass(frozen=True)
 class UpstreamRequest:
+    """The client's request, before a target (URL, key) and a model are chosen for an attempt."""
+
     method: str
-    url: str
-    headers: list[tuple[str, str]]
+    path: str  # as the client sent it; routed onto each target's base
+    headers: list[tuple[str, str]]  # the client's
     body: bytes
     expects_json: bool
+    model: str | None = None  # the JSON body's "model"
     first_event_timeout: float | None = None  # set for "stream": true requests
+
+    def body_for(self, model: str | None) -> bytes:
+        if model == self.model:
+            return self.body
+        document = json.loads(self.body)
+        document["model"] = model
+        return json.dumps(document).encode()
+
+
+@dataclass(frozen=True)
+class Failover:
+    """Where attempts may go: the targets, and models to fall back on."""
+
+    pool: TargetPool
+    budget: RetryBudget | None = None
+    model_fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def models_for(self, model: str | None) -> list[str | None]:
+        return [model, *self.model_fallbacks.get(model, ())] if model else [model]
 
 
 class UpstreamClient:
@@ -84,7 +117,7 @@ class UpstreamClient:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 # Timeouts are per attempt and per deadline (asyncio.timeout below), not aiohttp's.
@@ -103,28 +136,71 @@ class UpstreamClient:
         self,
         policy: RetryPolicy,
         request: UpstreamRequest,
+        failover: Failover,
         on_retry: Callable[[UpstreamAttempt, int, float], None],
     ) -> tuple[Outcome[UpstreamAttempt], list[UpstreamAttempt]]:
-        """Send `request` until it gets an answer worth giving, or the policy gives up. Returns every attempt too."""
+        """Send `request` until it gets an answer worth giving, or the policy gives up. Returns every attempt too.
+
+        Attempts go round the healthy targets without waiting while one is left untried in the round; then back off.
+        When a model's attempts are used up, or the upstream says the model is unavailable, its fallback is next.
+        """
         history: list[UpstreamAttempt] = []
+        deadline_at = time.monotonic() + policy.deadline
+        if failover.budget is not None:
+            failover.budget.record_request()
+        models = failover.models_for(request.model)
+        for index, model in enumerate(models):
+            body = request.body_for(model)
+            route_plan = failover.pool.plan()
+            another_model = index + 1 < len(models)
 
-        async def attempt(deadline_at: float) -> UpstreamAttempt:
-            result = await self._attempt(policy, request, deadline_at)
-            history.append(result)
-            return result
+            async def attempt(attempt_deadline: float) -> UpstreamAttempt:
+                target = route_plan.next_target()
+                result = await self._attempt(policy, request, target, model, body, attempt_deadline)
+                history.append(result)
+                return result
 
-        outcome = await run_with_retries(policy, attempt, on_retry)
-        return outcome, history
+            outcome = await run_with_retries(
+                dataclasses.replace(policy, deadline=max(0.001, deadline_at - time.monotonic())),
+                attempt,
+                on_retry,
+                wait=wait_unless(route_plan.another_target_left, backoff(policy, rounds=lambda state: route_plan.round)),
+                budget=failover.budget,
+                give_up_on=lambda last: another_model and last.classification.model_unavailable,
+            )
+            last = outcome.last
+            model_done = outcome.stopped is StopReason.ATTEMPTS or last.classification.model_unavailable
+            if not (another_model and model_done and last.classification.verdict is not Verdict.SUCCESS):
+                break
+            logger.info(f"{request.method} {request.path}: model {model} failed ({last.classification.detail}); trying {models[index + 1]}")
+        return dataclasses.replace(outcome, attempts=len(history)), history
 
-    async def _attempt(self, policy: RetryPolicy, request: UpstreamRequest, deadline_at: float) -> UpstreamAttempt:
+    async def _attempt(
+        self,
+        policy: RetryPolicy,
+        request: UpstreamRequest,
+        target: Target,
+        model: str | None,
+        body: bytes,
+        deadline_at: float,
+    ) -> UpstreamAttempt:
+        attempt = await self._send(policy, request, target, body, deadline_at)
+        attempt.target, attempt.model = target, model
+        failed = attempt.classification.verdict is Verdict.RETRY and not attempt.classification.model_unavailable
+        target.record(ok=not failed, latency=attempt.elapsed, error=attempt.classification.detail if failed else None)
+        return attempt
+
+    async def _send(
+        self, policy: RetryPolicy, request: UpstreamRequest, target: Target, body: bytes, deadline_at: float
+    ) -> UpstreamAttempt:
         started = time.monotonic()
         try:
             async with asyncio.timeout(min(policy.per_try_timeout, deadline_at - started)):
-                response = await self._get_session().request(
+                response = await self.session().request(
                     request.method,
-                    request.url,
-                    headers=request.headers,
-                    data=request.body or None,
+                    route(target.base_url, request.path).url,
+                    headers=upstream_headers(request.headers, target.api_key),
+                    data=body or None,
                     allow_redirects=False,
                 )
         except _UPSTREAM_NETWORK_ERRORS as exc:
@@ -174,8 +250,16 @@ class UpstreamClient:
 
 
 def describe_history(history: list[UpstreamAttempt], total_seconds: float, final: str | None = None) -> str:
-    """For mitmweb comments and logs: '3 attempts: 503, 503 → 200 in 1.4 s'."""
-    labels = [a.label for a in history]
+    """For mitmweb comments and logs: '3 attempts: 503, 503 → 200 in 1.4 s'; with several targets or models,
+    each attempt also names where it went: '2 attempts: 503 a.example → 200 b.example in 0.3 s'."""
+    hosts = len({a.target.host for a in history if a.target}) > 1
+    models = len({a.model for a in history}) > 1
+    labels = [
+        " ".join([a.label] + ([a.target.host] if hosts and a.target else []) + ([str(a.model)] if models else []))
+        for a in history
+    ]
+    if final and (hosts or models):
+        final = f"{final} after {labels[-1]}"
     end = final or labels[-1]
     earlier = ", ".join(labels[:-1])
     noun = "attempt" if len(history) == 1 else "attempts"

@@ -208,6 +208,8 @@ async def test_a_stream_dropped_mid_way_raises_api_error_after_the_text_that_arr
     error = result["error"]
     assert error is not None, f"the SDK ended the broken stream without an error: {result}"
     assert "APIError" in error["classes"]
+    # The SDK's own connection and timeout errors are APIErrors too: only the proxy's message and code show that the
+    # SDK read the proxy's error event rather than tripping over a cut connection or waiting out its timeout.
     assert "dropped in the middle of the stream" in error["message"]
     assert error["code"] == "stream_interrupted"
     assert result["chunks"] == ["Half", " a"]

@@ -21,10 +21,12 @@ from retry_policy import (
     classify_response,
     error_message,
     retry_after_seconds,
+    RetryBudget,
+    backoff,
     run_with_retries,
-    wait_retry_after,
+    says_model_unavailable,
+    wait_unless,
 )
-from tenacity.wait import wait_random_exponential
 
 POLICY = RetryPolicy()
 
@@ -164,18 +166,26 @@ def _state_after(attempt_number: int, attempt) -> RetryCallState:
 
 
 def test_backoff_is_jittered_exponential_capped_at_max_delay():
-    policy = RetryPolicy(base_delay=1, backoff=3, max_delay=20)
-    wait = wait_retry_after(wait_random_exponential(multiplier=policy.base_delay, exp_base=policy.backoff, max=policy.max_delay))
-    for attempt_number, ceiling in [(1, 1), (2, 3), (3, 9), (4, 20), (9, 20)]:
+    wait = backoff(RetryPolicy(base_delay=1, backoff=3, max_delay=20))
+    for attempt_number, ceiling in [(1, 1), (2, 3), (3, 9), (4, 20), (9, 20), (5000, 20)]:
         waits = [wait(_state_after(attempt_number, RETRY)) for _ in range(300)]
         assert all(0 <= w <= ceiling for w in waits)
         assert max(waits) > ceiling * 0.8  # full jitter reaches towards the ceiling
         assert min(waits) < ceiling * 0.2  # ... and down towards zero
 
 
+def test_backoff_counts_rounds_when_told():
+    wait = backoff(RetryPolicy(base_delay=1, backoff=10, max_delay=1000), rounds=lambda state: 1)
+    assert all(wait(_state_after(7, RETRY)) <= 1 for _ in range(100))
+
+
 def test_retry_after_replaces_the_backoff():
-    wait = wait_retry_after(wait_random_exponential(multiplier=1, max=2))
-    assert wait(_state_after(1, FakeAttempt(RETRY.classification, retry_after=45.0))) == 45.0
+    assert backoff(POLICY)(_state_after(1, FakeAttempt(RETRY.classification, retry_after=45.0))) == 45.0
+
+
+def test_no_wait_while_another_target_is_left():
+    wait = wait_unless(lambda: True, backoff(POLICY))
+    assert wait(_state_after(3, FakeAttempt(RETRY.classification, retry_after=45.0))) == 0
 
 
 def scripted(*attempts):
@@ -219,3 +229,58 @@ async def test_attempts_get_the_deadline_instant():
     now = time.monotonic()
     await run_with_retries(policy, attempt)
     assert 41 < calls[0] - now < 43
+
+
+async def test_give_up_on_ends_retrying_early():
+    attempt, calls = scripted(RETRY)
+    outcome = await run_with_retries(FAST, attempt, give_up_on=lambda a: True)
+    assert (outcome.stopped, len(calls)) == (StopReason.ANSWERED, 1)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_retry_budget_allows_a_share_of_requests_and_a_floor():
+    clock = FakeClock()
+    budget = RetryBudget(percent=20, min_per_second=0.5, clock=clock)  # floor: 5 retries per 10 s window
+    for _ in range(100):
+        budget.record_request()
+    assert sum(budget.try_spend() for _ in range(50)) == 20  # 20 % of 100 requests
+    clock.now += 11  # the window slides past everything
+    assert sum(budget.try_spend() for _ in range(50)) == 5  # no traffic: the floor
+
+
+async def test_a_spent_budget_stops_retrying_at_once():
+    budget = RetryBudget(percent=0, min_per_second=0.1)  # one retry per 10 s
+    attempt, calls = scripted(RETRY)
+    outcome = await run_with_retries(FAST, attempt, budget=budget)
+    assert (outcome.stopped, len(calls)) == (StopReason.BUDGET, 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "unavailable"),
+    [
+        (b'{"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.", "code": "model_not_found"}}', True),
+        (b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}', True),
+        (b'{"error": {"message": "No endpoints found for model x/y"}}', True),
+        (b'{"error": {"message": "The model is currently unavailable"}}', True),
+        (b"model gpt-4 not found", True),
+        (b'{"error": {"message": "Invalid API key"}}', False),
+        (b'{"error": {"message": "Rate limit reached for requests"}}', False),
+        (b"", False),
+    ],
+)
+def test_says_model_unavailable(body, unavailable):
+    assert says_model_unavailable(body) is unavailable
+
+
+def test_model_trouble_is_flagged_on_error_answers_only():
+    body = b'{"error": {"message": "model overloaded"}}'
+    assert classify_response(POLICY, 503, "application/json", body, True).model_unavailable
+    assert classify_response(POLICY, 200, "application/json", body, True).model_unavailable  # an error object in a 200
+    assert not classify_response(POLICY, 200, "application/json", b'{"text": "overloaded"}', True).model_unavailable
