@@ -350,6 +350,8 @@ class SeakingProxy:
             )
         if outcome.stopped is StopReason.DEADLINE:
             tried += f" (the {deadline:g} s deadline was reached)"
+        elif outcome.stopped is StopReason.BUDGET:
+            tried += " (retry budget spent: the upstream is failing for many requests, so retries are paused)"
         failure = last.classification.failure
         detail = last.classification.detail
         retry_after = None

@@ -76,7 +76,9 @@ class Target:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.base_url).hostname or ""
+        """host[:port], never the path or credentials: what headers, logs and comments name a target by."""
+        parts = urlsplit(self.base_url)
+        return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
 
     @property
     def state(self) -> str:

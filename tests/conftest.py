@@ -102,6 +102,22 @@ async def upstream():
 
 
 @pytest.fixture
+async def upstream_factory():
+    """More upstreams (failover targets); each is stopped afterwards."""
+    started: list[FaultyUpstream] = []
+
+    async def start(port: int = 0) -> FaultyUpstream:
+        server = FaultyUpstream()
+        await server.start(port)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
+
+
+@pytest.fixture
 async def proxy_factory(tmp_path, upstream):
     """start(config=..., target=...) runs mitmproxy with the addon in this event loop; all are stopped afterwards."""
     started: list[RunningProxy] = []

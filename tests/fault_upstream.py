@@ -32,6 +32,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     disconnected_at: float | None = None  # time.monotonic() when the client went away mid-answer
+    arrived: float = field(default_factory=time.monotonic)
 
     def json(self):
         return json.loads(self.body)
