@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import math
+import textwrap
 import time
 
 import aiohttp
@@ -370,8 +371,11 @@ class SeakingProxy:
             status, code = 502, "upstream_bad_response"
         else:
             status, code = 502, "upstream_unreachable"
-        message = f"{detail[0].upper()}{detail[1:]}; {tried}."
-        return ProxyError(status, message, code, retry_after=retry_after, attempts=attempts)
+        detail = f"{detail[0].upper()}{detail[1:]}"
+        # SillyTavern shows only the reason phrase, cut at 200 characters: keep the attempt count in it however long
+        # the upstream's own message is.
+        short = f"{textwrap.shorten(detail, 120, placeholder='...')}; {tried}"
+        return ProxyError(status, f"{detail}; {tried}.", code, retry_after=retry_after, attempts=attempts, short=short)
 
     # --- what people see: logs and mitmweb -----------------------------------------------------------------------
 
@@ -423,7 +427,7 @@ class SeakingProxy:
                 async with self.upstream.session().get(url, headers=headers, allow_redirects=False) as response:
                     body = await response.read()
             verdict = classify_response(policy, response.status, response.content_type, body, expects_json=True)
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, OSError, aiohttp.ClientError) as e:
             verdict = classify_exception(e)
         failed = verdict.verdict is Verdict.RETRY
         target.record(ok=not failed, latency=time.monotonic() - started, error=f"health check: {verdict.detail}" if failed else None)

@@ -150,30 +150,45 @@ class UpstreamClient:
             failover.budget.record_request()
         models = failover.models_for(request.model)
         for index, model in enumerate(models):
-            body = request.body_for(model)
-            route_plan = failover.pool.plan()
             another_model = index + 1 < len(models)
-
-            async def attempt(attempt_deadline: float) -> UpstreamAttempt:
-                target = route_plan.next_target()
-                result = await self._attempt(policy, request, target, model, body, attempt_deadline)
-                history.append(result)
-                return result
-
-            outcome = await run_with_retries(
-                dataclasses.replace(policy, deadline=max(0.001, deadline_at - time.monotonic())),
-                attempt,
-                on_retry,
-                wait=wait_unless(route_plan.another_target_left, backoff(policy, rounds=lambda state: route_plan.round)),
-                budget=failover.budget,
-                give_up_on=lambda last: another_model and last.classification.model_unavailable,
-            )
+            outcome = await self._try_model(policy, request, failover, model, another_model, deadline_at, history, on_retry)
             last = outcome.last
             model_done = outcome.stopped is StopReason.ATTEMPTS or last.classification.model_unavailable
             if not (another_model and model_done and last.classification.verdict is not Verdict.SUCCESS):
                 break
             logger.info(f"{request.method} {request.path}: model {model} failed ({last.classification.detail}); trying {models[index + 1]}")
         return dataclasses.replace(outcome, attempts=len(history)), history
+
+    async def _try_model(
+        self,
+        policy: RetryPolicy,
+        request: UpstreamRequest,
+        failover: Failover,
+        model: str | None,
+        another_model: bool,
+        deadline_at: float,
+        history: list[UpstreamAttempt],
+        on_retry: Callable[[UpstreamAttempt, int, float], None],
+    ) -> Outcome[UpstreamAttempt]:
+        """One model's attempts, round the targets, within what is left of the request's deadline."""
+        body = request.body_for(model)
+        route_plan = failover.pool.plan()
+
+        async def attempt(attempt_deadline: float) -> UpstreamAttempt:
+            target = route_plan.next_target()
+            result = await self._attempt(policy, request, target, model, body, attempt_deadline)
+            history.append(result)
+            return result
+
+        return await run_with_retries(
+            dataclasses.replace(policy, deadline=max(0.001, deadline_at - time.monotonic())),
+            attempt,
+            on_retry,
+            wait=wait_unless(route_plan.another_target_left, backoff(policy, rounds=lambda state: route_plan.round)),
+            budget=failover.budget,
+            # The upstream says this model is unavailable: the next model beats another try of this one.
+            give_up_on=lambda last: another_model and last.classification.model_unavailable,
+        )
 
     async def _attempt(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,17 +94,9 @@ async def start_proxy(
     return RunningProxy(master, addon, f"http://127.0.0.1:{addrs[0][1]}", collector, config_path, task)
 
 
-@pytest.fixture
-async def upstream():
-    server = FaultyUpstream()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def upstream_factory():
-    """More upstreams (failover targets); each is stopped afterwards."""
+@contextlib.asynccontextmanager
+async def running_upstreams():
+    """start(port=0) runs a FaultyUpstream; all are stopped on exit."""
     started: list[FaultyUpstream] = []
 
     async def start(port: int = 0) -> FaultyUpstream:
@@ -112,24 +105,46 @@ async def upstream_factory():
         started.append(server)
         return server
 
-    yield start
-    for server in started:
-        await server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_proxies(tmp_path: Path, default_target: str):
+    """start(config=..., target=...) runs mitmproxy with the addon in this event loop; all are stopped on exit."""
+    started: list[RunningProxy] = []
+
+    async def start(config: dict | None = None, target: str | None = None, **extra_options) -> RunningProxy:
+        running = await start_proxy(tmp_path, target or default_target, config, **extra_options)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            await running.stop()
+
+
+@pytest.fixture
+async def upstream_factory():
+    """More upstreams (failover targets)."""
+    async with running_upstreams() as start:
+        yield start
+
+
+@pytest.fixture
+async def upstream(upstream_factory):
+    return await upstream_factory()
 
 
 @pytest.fixture
 async def proxy_factory(tmp_path, upstream):
-    """start(config=..., target=...) runs mitmproxy with the addon in this event loop; all are stopped afterwards."""
-    started: list[RunningProxy] = []
-
-    async def start(config: dict | None = None, target: str | None = None, **extra_options) -> RunningProxy:
-        running = await start_proxy(tmp_path, target or upstream.url, config, **extra_options)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        await running.stop()
+    async with running_proxies(tmp_path, upstream.url) as start:
+        yield start
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import call, chat
 from fault_upstream import Reset, Status, Stream
-from test_streaming import STREAM_CHAT, read_stream
+from test_streaming import read_stream
 
 BACKUP_KEY = "sk-backup-secret-0001"
 

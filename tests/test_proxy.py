@@ -16,7 +16,7 @@ import pytest
 from mitmproxy import exceptions, io
 
 from conftest import CHAT, call, chat
-from fault_upstream import MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Good, Hang, Malformed, Reset, Status
+from fault_upstream import MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status
 
 CLIENT_KEY = "sk-client-key-123456"
 UPSTREAM_KEY = "sk-upstream-secret-abcdef"
@@ -233,6 +233,14 @@ async def test_broken_bodies_are_a_502(proxy, upstream, client):
     assert answer.status == 502
     assert answer.error["code"] == "upstream_bad_response"
     assert "not JSON" in answer.error["message"]
+
+
+async def test_a_long_upstream_message_leaves_the_attempt_count_in_the_reason_phrase(proxy, upstream, client):
+    upstream.always("chat/completions", Status(503, body={"error": {"message": "overloaded " * 60}}))
+    answer = await chat(client, proxy)
+    assert "gave up after 4 attempts" in answer.reason
+    assert len(answer.reason) <= 200
+    assert answer.error["message"].count("overloaded") > answer.reason.count("overloaded")  # the body keeps more
 
 
 async def test_exhausted_retry_codes_keep_the_upstream_status_and_message(proxy, upstream, client):

@@ -88,7 +88,7 @@ def _connector_error(errno: int) -> aiohttp.ClientConnectorError:
 @pytest.mark.parametrize(
     ("exc", "failure", "words"),
     [
-        (asyncio.TimeoutError(), Failure.TIMEOUT, "in time"),
+        (TimeoutError(), Failure.TIMEOUT, "in time"),
         (_connector_error(111), Failure.NETWORK, "cannot connect to upstream h:1 (Connection refused)"),
         (aiohttp.ServerDisconnectedError(), Failure.NETWORK, "closed the connection"),
         (aiohttp.ClientPayloadError("x"), Failure.NETWORK, "broke off"),
