@@ -12,36 +12,23 @@ an upstream's answers (copying statuses, piping SSE, hanging on a dropped stream
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import re
 import shutil
-import signal
 import socket
-import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
+
+from cached_install import RegistryUnavailable, check, install_once, kill_group, run
 
 VERSION = "1.19.0"
 INSTALL_TIMEOUT = 600  # seconds; a cold npm install takes about one minute
 START_TIMEOUT = 120  # the first start on a machine builds the frontend bundle (20-35 s), later ones take ~3 s
 STOP_GRACE = 5
 
-# npm's error codes and messages when the registry cannot be reached.
-_NETWORK_ERRORS = (
-    "ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH",
-    "ERR_SOCKET_TIMEOUT", "network request", "socket hang up", "self signed certificate", "E502", "E503", "E504",
-)
-
-
-class SillyTavernUnavailable(Exception):
-    """npm could not fetch SillyTavern (no network, registry down): tests should skip, not fail."""
-
-
-_unavailable: SillyTavernUnavailable | None = None
+# npm could not fetch SillyTavern (no network, registry down): tests should skip, not fail.
+SillyTavernUnavailable = RegistryUnavailable
 
 
 class _PortTaken(RuntimeError):
@@ -60,71 +47,23 @@ def _installed_version(root: Path) -> str | None:
         return None
 
 
-async def _kill_group(process: asyncio.subprocess.Process, grace: float = STOP_GRACE) -> None:
-    """SIGTERM the process's group (node and anything it spawned), SIGKILL it if it outlives `grace`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), grace)
-
-
 async def ensure_installed() -> Path:
     """The directory whose node_modules holds sillytavern@VERSION, installing it first if needed."""
-    global _unavailable
-    root = cache_dir()
-    if _installed_version(root) == VERSION:
-        return root
-    if _unavailable is not None:
-        raise _unavailable  # npm's retries make each offline attempt take about a minute: try once per test run
     npm = shutil.which("npm")
     if npm is None:
         # Not a network problem: a machine without Node must fail loudly rather than skip these tests forever.
         raise RuntimeError("npm is not on PATH: install Node.js (20 or later) to run the SillyTavern tests")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in root.parent.glob(root.name + ".partial-*"):  # left by a killed run; a live one is younger
-        if time.time() - stale.stat().st_mtime > 2 * INSTALL_TIMEOUT:
-            shutil.rmtree(stale, ignore_errors=True)
-    # Install beside the cache and rename it into place, so an interrupted install never looks like a finished one.
-    staging = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=root.parent))
-    try:
+
+    async def ready(root: Path) -> bool:
+        return _installed_version(root) == VERSION
+
+    async def install(staging: Path) -> None:
         # Without a package.json here npm would install into the nearest parent directory that has one.
         (staging / "package.json").write_text('{"name": "seaking-st-cache", "private": true}\n')
-        process = await asyncio.create_subprocess_exec(
-            npm, "install", "--no-audit", "--no-fund", f"sillytavern@{VERSION}",
-            cwd=staging, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), INSTALL_TIMEOUT)
-        except TimeoutError:
-            _unavailable = SillyTavernUnavailable(f"npm install sillytavern@{VERSION} took over {INSTALL_TIMEOUT} s")
-            raise _unavailable from None
-        finally:
-            await _kill_group(process)  # a cancelled test must not leave npm running
-        log = output.decode(errors="replace")
-        tail = "\n".join(log.splitlines()[-30:])
-        if process.returncode != 0:
-            if any(marker in log for marker in _NETWORK_ERRORS):
-                code = re.search(r"npm error code (\S+)", log)
-                _unavailable = SillyTavernUnavailable(
-                    f"npm could not reach its registry ({code[1] if code else 'network error'}):\n{tail}")
-                raise _unavailable
-            raise RuntimeError(f"npm install sillytavern@{VERSION} failed (exit {process.returncode}):\n{tail}")
-        if _installed_version(staging) != VERSION:
-            raise RuntimeError(f"npm install finished but installed no sillytavern {VERSION}:\n{tail}")
-        if root.exists() and _installed_version(root) != VERSION:
-            shutil.rmtree(root)  # a stale or broken cache from an older layout
-        try:
-            staging.rename(root)
-        except OSError:
-            if _installed_version(root) != VERSION:  # else another test process installed it first: use theirs
-                raise
-        return root
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        argv = [npm, "install", "--no-audit", "--no-fund", f"sillytavern@{VERSION}"]
+        check(f"npm install sillytavern@{VERSION}", *await run(argv, INSTALL_TIMEOUT, cwd=staging))
+
+    return await install_once(cache_dir(), ready, install, INSTALL_TIMEOUT)
 
 
 def _free_port() -> int:
@@ -240,7 +179,7 @@ class SillyTavern:
             await self._session.close()
             self._session = None
         if self._process is not None:
-            await _kill_group(self._process)
+            await kill_group(self._process, STOP_GRACE)
             self._process = None
 
     async def _post(self, path: str, payload: dict, timeout: float) -> tuple[int, str, bytes]:

@@ -13,19 +13,14 @@ while the proxy and the fault upstream serve in this test's event loop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from cached_install import RegistryUnavailable, check, install_once, run
 from fault_upstream import REPLY_TEXT, Status, Stream
 
 SDK_REQUIREMENT = "openai>=1"  # 0.x had another API; any newer major is what users get from pip
@@ -34,14 +29,6 @@ PIP_TIMEOUT = 600  # a cold install of openai and its dependencies: well under a
 IMPORT_TIMEOUT = 60
 SDK_TIMEOUT = 10  # the SDK's own HTTP timeout: a hang shows up as APITimeoutError, not as a stuck test
 SCRIPT_TIMEOUT = 60  # the whole SDK subprocess: interpreter start, `import openai` (~1 s), one call
-
-# pip's words when it cannot reach the index: those runs skip; any other pip failure is a real failure.
-_PIP_NETWORK_ERRORS = (
-    "NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
-    "Name or service not known", "ConnectTimeoutError", "ReadTimeoutError", "Read timed out", "ProxyError",
-    "SSLError", "Network is unreachable", "No route to host", "Connection refused", "Connection reset",
-    "RemoteDisconnected", "Could not fetch URL",
-)
 
 # Run by the SDK venv's python: one chat completion, reported as a JSON line (the SDK's exception included).
 SDK_SCRIPT = r"""
@@ -78,33 +65,12 @@ print(json.dumps(result))
 """
 
 
-class _SdkUnavailable(Exception):
-    """pip could not reach the package index: the SDK tests skip rather than fail."""
-
-
 _sdk_python: Path | None = None
-_unavailable: _SdkUnavailable | None = None
 
 
 def sdk_venv_dir() -> Path:
     default = Path.home() / ".cache" / "seaking-proxy" / "openai-sdk-venv"
     return Path(os.environ.get("SEAKING_SDK_VENV") or default)
-
-
-async def run(argv: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
-    """Exit code and combined output of `argv`; its process group is killed if it outlives `timeout`."""
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env=env, start_new_session=True,
-    )
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
-    finally:
-        if process.returncode is None:  # timed out or cancelled: leave nothing running
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-    return process.returncode, output.decode(errors="replace")
 
 
 async def _imports_openai(python: Path) -> bool:
@@ -116,64 +82,27 @@ async def _imports_openai(python: Path) -> bool:
 
 async def ensure_sdk_python() -> Path:
     """The python of a venv where `import openai` works, creating the cached venv first if needed."""
-    global _sdk_python, _unavailable
-    if _sdk_python is not None:
-        return _sdk_python
-    if _unavailable is not None:
-        raise _unavailable  # pip's retries make an offline attempt slow: try once per test run
-    root = sdk_venv_dir()
-    python = root / "bin" / "python"
-    if await _imports_openai(python):
-        _sdk_python = python
-        return python
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in root.parent.glob(root.name + ".partial-*"):  # left by a killed run; a live one is younger
-        if time.time() - stale.stat().st_mtime > 2 * PIP_TIMEOUT:
-            shutil.rmtree(stale, ignore_errors=True)
-    # Build beside the cache and rename it into place, so an interrupted build never looks like a finished one.
-    # A renamed venv still works through `bin/python` (its prefix is found from pyvenv.cfg beside it); only the
-    # shebangs of its console scripts keep the staging path, and nothing here uses them.
-    staging = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=root.parent))
-    try:
-        # sys.executable is always there; venv builds on its base interpreter, not on the project's .venv.
-        returncode, output = await run([sys.executable, "-m", "venv", str(staging)], VENV_TIMEOUT)
-        if returncode != 0:
-            raise RuntimeError(f"python -m venv failed (exit {returncode}):\n{output[-3000:]}")
-        try:
-            returncode, output = await run(
-                [str(staging / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                 "--no-input", "--retries", "2", SDK_REQUIREMENT],
-                PIP_TIMEOUT,
-            )
-        except TimeoutError:
-            _unavailable = _SdkUnavailable(f"pip install {SDK_REQUIREMENT} took over {PIP_TIMEOUT} s")
-            raise _unavailable from None
-        tail = "\n".join(output.splitlines()[-30:])
-        if returncode != 0:
-            if any(marker in output for marker in _PIP_NETWORK_ERRORS):
-                _unavailable = _SdkUnavailable(f"pip could not reach the package index:\n{tail}")
-                raise _unavailable
-            raise RuntimeError(f"pip install {SDK_REQUIREMENT} failed (exit {returncode}):\n{tail}")
-        if not await _imports_openai(staging / "bin" / "python"):
-            raise RuntimeError(f"pip install {SDK_REQUIREMENT} finished but `import openai` fails:\n{tail}")
-        if root.exists() and not await _imports_openai(python):
-            shutil.rmtree(root)  # a broken cache (half-deleted, other python): replace it
-        try:
-            staging.rename(root)
-        except OSError:
-            if not await _imports_openai(python):  # else another test process built it first: use theirs
-                raise
-        _sdk_python = python
-        return python
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    global _sdk_python
+    if _sdk_python is None:
+
+        async def install(staging: Path) -> None:
+            # sys.executable is always there; venv builds on its base interpreter, not on the project's .venv.
+            check("python -m venv", *await run([sys.executable, "-m", "venv", str(staging)], VENV_TIMEOUT))
+            pip = [str(staging / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+            check(f"pip install {SDK_REQUIREMENT}", *await run([*pip, "--retries", "2", SDK_REQUIREMENT], PIP_TIMEOUT))
+
+        # A renamed venv still works through `bin/python` (its prefix is found from pyvenv.cfg beside it); only the
+        # shebangs of its console scripts keep the staging path, and nothing here uses them.
+        root = await install_once(sdk_venv_dir(), lambda root: _imports_openai(root / "bin" / "python"), install, PIP_TIMEOUT)
+        _sdk_python = root / "bin" / "python"
+    return _sdk_python
 
 
 @pytest.fixture
 async def sdk_python() -> Path:
     try:
         return await ensure_sdk_python()
-    except _SdkUnavailable as exc:
+    except RegistryUnavailable as exc:
         pytest.skip(f"openai SDK not installable: {exc}")
 
 
@@ -183,7 +112,7 @@ async def sdk_chat(python: Path, base_url: str, stream: bool) -> dict:
     # httpx honours proxy variables, which would send these loopback calls elsewhere; OPENAI_* could change the client.
     env = {k: v for k, v in os.environ.items() if not (k.lower().endswith("_proxy") or k.startswith("OPENAI_"))}
     try:
-        returncode, output = await run([str(python), "-c", SDK_SCRIPT, json.dumps(request)], SCRIPT_TIMEOUT, env)
+        returncode, output = await run([str(python), "-c", SDK_SCRIPT, json.dumps(request)], SCRIPT_TIMEOUT, env=env)
     except TimeoutError:
         pytest.fail(f"the SDK did not finish within {SCRIPT_TIMEOUT} s (it hangs)")
     assert returncode == 0, f"the SDK script crashed:\n{output}"
