@@ -28,6 +28,7 @@ import time
 
 import aiohttp
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import mode_specs
 
 from answers import ProxyError, forwardable_headers, upstream_error_response, upstream_error_text, upstream_response
@@ -186,11 +187,14 @@ class SeakingProxy:
                 on_retry=lambda last, number, wait: self._log_retry(request.method, last, number, wait, secrets),
             )
         )
-        if wants_stream:
-            finished, _ = await asyncio.wait({exchange}, timeout=config.streaming.heartbeat_interval)
-            if not finished:
-                await self._stream_with_heartbeats(flow, target, exchange, started, secrets)
+        heartbeat_after = config.streaming.heartbeat_interval if wants_stream else None
+        if not await _while_client_waits(flow, exchange, heartbeat_after):
+            if _client_left(flow):
+                exchange.cancel()  # nobody to answer: stop spending upstream work on it
+                flow.kill()
                 return None
+            await self._stream_with_heartbeats(flow, target, exchange, started, secrets)
+            return None
         outcome, history = await exchange
         elapsed = time.time() - started
         last = outcome.last
@@ -233,16 +237,25 @@ class SeakingProxy:
         await self._relay(flow, target, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
 
     async def _relay(
-        self, flow: http.HTTPFlow, target: Route, status: int, headers, outcome: asyncio.Future, *tasks: asyncio.Task
+        self,
+        flow: http.HTTPFlow,
+        target: Route,
+        status: int,
+        headers,
+        outcome: asyncio.Future,
+        exchange: asyncio.Task | None = None,
     ) -> None:
         """Point the flow at the relay, which sends status and headers, then the stream `outcome` resolves to."""
         streaming = self.config.streaming
 
         def release() -> None:
-            for task in (outcome, *tasks):
-                task.cancel()
-            if outcome.done() and not outcome.cancelled() and isinstance(outcome.result(), LiveStream):
-                outcome.result().close()
+            for task in (outcome, exchange):
+                if task is not None:
+                    task.cancel()
+                # What finished just before the cancel may hold an open upstream stream that nobody will read.
+                live = _stream_left_in(task)
+                if live is not None:
+                    live.close()
 
         def report(problem: ProxyError) -> None:
             logger.warning(f"{flow.request.method} {target.url}: {problem.message} Ended the stream with an error event.")
@@ -539,6 +552,40 @@ def _json_object(request: http.Request) -> tuple[dict, str | None]:
     if not isinstance(document, dict):
         return {}, "Request body must be a JSON object; it was not sent upstream."
     return document, None
+
+
+# How often a waiting request checks whether its client is still there. mitmproxy tells no hook that a client left
+# while a request is pending (its client_disconnected hook comes only after the flow ends), but marks the connection.
+CLIENT_CHECK_SECONDS = 0.25
+
+
+def _client_left(flow: http.HTTPFlow) -> bool:
+    # The client closed its side. HTTP allows a client to half-close after its request, but no LLM client does; one
+    # that closes while waiting for its answer has left (a browser tab closed, SillyTavern's Stop button).
+    return not flow.client_conn.state & ConnectionState.CAN_READ
+
+
+async def _while_client_waits(flow: http.HTTPFlow, task: asyncio.Task, timeout: float | None) -> bool:
+    """Wait for `task` for at most `timeout` seconds (None: no limit), but no longer than the client stays.
+    True when the task is done."""
+    loop = asyncio.get_running_loop()
+    until = None if timeout is None else loop.time() + timeout
+    while not task.done() and not _client_left(flow):
+        step = CLIENT_CHECK_SECONDS if until is None else min(CLIENT_CHECK_SECONDS, until - loop.time())
+        if step <= 0:
+            break
+        await asyncio.wait({task}, timeout=step)
+    return task.done()
+
+
+def _stream_left_in(task: asyncio.Future | None) -> LiveStream | None:
+    """The open upstream stream a finished task produced: the stream itself, or an exchange's (outcome, history)."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    result = task.result()
+    if isinstance(result, tuple):
+        result = result[0].last.stream
+    return result if isinstance(result, LiveStream) else None
 
 
 def _resolved(value) -> asyncio.Future:

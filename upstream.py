@@ -149,14 +149,25 @@ class UpstreamClient:
         if failover.budget is not None:
             failover.budget.record_request()
         models = failover.models_for(request.model)
-        for index, model in enumerate(models):
-            another_model = index + 1 < len(models)
-            outcome = await self._try_model(policy, request, failover, model, another_model, deadline_at, history, on_retry)
-            last = outcome.last
-            model_done = outcome.stopped is StopReason.ATTEMPTS or last.classification.model_unavailable
-            if not (another_model and model_done and last.classification.verdict is not Verdict.SUCCESS):
-                break
-            logger.info(f"{request.method} {request.path}: model {model} failed ({last.classification.detail}); trying {models[index + 1]}")
+        try:
+            for index, model in enumerate(models):
+                another_model = index + 1 < len(models)
+                outcome = await self._try_model(
+                    policy, request, failover, model, another_model, deadline_at, history, on_retry
+                )
+                last = outcome.last
+                model_done = outcome.stopped is StopReason.ATTEMPTS or last.classification.model_unavailable
+                if not (another_model and model_done and last.classification.verdict is not Verdict.SUCCESS):
+                    break
+                logger.info(
+                    f"{request.method} {request.path}: model {model} failed ({last.classification.detail}); "
+                    f"trying {models[index + 1]}"
+                )
+        except BaseException:  # cancelled (the client left): an open upstream stream must not outlive us
+            for attempt in history:
+                if attempt.stream is not None:
+                    attempt.stream.close()
+            raise
         return dataclasses.replace(outcome, attempts=len(history)), history
 
     async def _try_model(

@@ -321,7 +321,8 @@ def open_fds() -> int:
 async def test_abandoned_streams_leak_nothing(proxy_factory, upstream, client):
     proxy = await proxy_factory({"streaming": {"heartbeat_interval": 0.1}})
     upstream.always("chat/completions", Stream(chunks=[str(i) for i in range(50)], delay=0.2))
-    await read_stream(client, proxy, body={**STREAM_CHAT})  # warm up pools, the relay, mitmproxy's first-use state
+    upstream.script("chat/completions", Stream())
+    await read_stream(client, proxy)  # warm up pools, the relay, mitmproxy's first-use state
     gc.collect()
     fds_before, tasks_before = open_fds(), len(asyncio.all_tasks())
 
