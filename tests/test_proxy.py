@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 
+import aiohttp
 import pytest
 from mitmproxy import exceptions, io
 
@@ -495,3 +496,18 @@ async def test_replays_from_mitmweb_are_left_to_mitmproxy(proxy, upstream, clien
     flow.is_replay = "request"
     await proxy.addon.request(flow)
     assert flow.response is None
+
+
+async def test_a_client_that_leaves_stops_its_request_upstream(proxy_factory, upstream, client):
+    proxy = await proxy_factory({"target_proxy": {"timeout": 10}})
+    upstream.always("chat/completions", Hang())
+    with pytest.raises(asyncio.TimeoutError):
+        await chat(client, proxy, timeout=aiohttp.ClientTimeout(total=0.3))
+    left = time.monotonic()
+    for _ in range(60):
+        if upstream.received and upstream.received[0].disconnected_at is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert upstream.received[0].disconnected_at - left < 1.5  # not the 10 s per-try timeout
+    await asyncio.sleep(0.3)
+    assert len(upstream.received) == 1  # and no retry for nobody
