@@ -22,21 +22,18 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
-import textwrap
 import time
 
-import aiohttp
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import mode_specs
 
-from answers import ProxyError, forwardable_headers, upstream_error_response, upstream_error_text, upstream_response
+from answers import ProxyError, failure_in_stream, final_answer, forwardable_headers
 from config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from models_cache import ModelsCache, fallback_models_body, is_models_list
 from redaction import bearer_token, client_secrets, redact_headers, scrub, scrub_response
 from relay import Relay, RelayJob
-from retry_policy import Failure, Outcome, RetryBudget, StopReason, Verdict, classify_exception, classify_response
+from retry_policy import Outcome, RetryBudget, Verdict
 from routing import Route, route
 from streaming import LiveStream, client_stream, completion_as_sse
 from targets import CircuitBreaker, Target, TargetPool
@@ -209,7 +206,7 @@ class SeakingProxy:
         answer = self._models_answer(request.path, outcome) if target.is_models else None
         proxy_made = answer is not None or last.classification.verdict is Verdict.RETRY
         if answer is None:
-            answer = self._final_answer(outcome, elapsed, started)
+            answer = final_answer(outcome, config.retry, elapsed, started)
         answer.headers.update(seaking_headers(outcome))
         self._annotate(flow, history, elapsed, proxy_made, answer.status_code)
         return answer
@@ -231,7 +228,7 @@ class SeakingProxy:
                 replay = completion_as_sse(last.body)  # the upstream ignored "stream": true
                 if replay is not None:
                     return replay
-            error = self._failure(outcome, elapsed)
+            error = failure_in_stream(outcome, self.config.retry, elapsed)
             return dataclasses.replace(error, message=scrub(error.message, secrets))
 
         await self._relay(flow, target, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
@@ -328,68 +325,6 @@ class SeakingProxy:
             return _json_response(fallback_models_body(fallback), {CACHE_HEADER: "fallback"})
         return None
 
-    def _final_answer(self, outcome: Outcome[UpstreamAttempt], elapsed: float, started: float) -> http.Response:
-        last = outcome.last
-        verdict = last.classification.verdict
-        if verdict in (Verdict.SUCCESS, Verdict.PASS_THROUGH):
-            return upstream_response(last.status, last.reason, last.raw_headers, last.body, started)
-        if verdict is Verdict.FAIL_FAST:
-            return upstream_error_response(last.status, last.reason, last.raw_headers, last.body, started)
-        return self._gave_up(outcome, elapsed).response()
-
-    def _failure(self, outcome: Outcome[UpstreamAttempt], elapsed: float) -> ProxyError:
-        """Any outcome but a stream, as an error to report inside a stream that has already begun."""
-        last = outcome.last
-        if last.classification.verdict is Verdict.RETRY:
-            return self._gave_up(outcome, elapsed)
-        message = upstream_error_text(last.body, 300) or last.reason
-        return ProxyError(
-            last.status, f"Upstream answered {last.status}: {message}", f"upstream_http_{last.status}", attempts=outcome.attempts
-        )
-
-    def _gave_up(self, outcome: Outcome[UpstreamAttempt], elapsed: float) -> ProxyError:
-        last = outcome.last
-        attempts = outcome.attempts
-        tried = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
-        deadline = self.config.retry.deadline
-        if outcome.stopped is StopReason.DEADLINE and last.retry_after is not None:
-            wait = math.ceil(outcome.refused_wait or last.retry_after)
-            return ProxyError(
-                429,
-                f"Upstream is rate limiting (it answered {last.status} and asked to wait {wait} s, which would pass "
-                f"the {deadline:g} s deadline); {tried}. Try again in {wait} s.",
-                "rate_limited",
-                retry_after=wait,
-                attempts=attempts,
-            )
-        if outcome.stopped is StopReason.DEADLINE:
-            tried += f" (the {deadline:g} s deadline was reached)"
-        elif outcome.stopped is StopReason.BUDGET:
-            tried += " (retry budget spent: the upstream is failing for many requests, so retries are paused)"
-        failure = last.classification.failure
-        detail = last.classification.detail
-        retry_after = None
-        if failure is Failure.STATUS:
-            upstream_said = upstream_error_text(last.body, 300)
-            if upstream_said:
-                detail += f" ({upstream_said})"
-            if last.retry_after is not None:
-                retry_after = math.ceil(last.retry_after)
-            status, code = last.status, f"upstream_http_{last.status}"
-        elif failure is Failure.TIMEOUT:
-            if last.status is None:  # no headers; with headers, it was the first SSE event that never came
-                detail = f"no response headers from upstream within {self.config.retry.per_try_timeout:g} s"
-            status, code = 504, "upstream_timeout"
-        elif failure is Failure.BROKEN:
-            status, code = 502, "upstream_bad_response"
-        else:
-            status, code = 502, "upstream_unreachable"
-        detail = f"{detail[0].upper()}{detail[1:]}"
-        # SillyTavern shows only the reason phrase, cut at 200 characters: keep the attempt count in it however long
-        # the upstream's own message is.
-        short = f"{textwrap.shorten(detail, 120, placeholder='...')}; {tried}"
-        return ProxyError(status, f"{detail}; {tried}.", code, retry_after=retry_after, attempts=attempts, short=short)
-
     # --- what people see: logs and mitmweb -----------------------------------------------------------------------
 
     def _log_retry(self, method: str, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]) -> None:
@@ -427,25 +362,8 @@ class SeakingProxy:
                 await asyncio.sleep(1)
                 continue
             doubtful = [t for t in self.failover.pool.targets if t.state != "closed"]
-            await asyncio.gather(*(self._probe(t) for t in doubtful))
+            await asyncio.gather(*(self.upstream.probe(t, self.config.retry) for t in doubtful))
             await asyncio.sleep(interval)
-
-    async def _probe(self, target: Target) -> None:
-        policy = self.config.retry
-        url = route(target.base_url, "/v1/models").url
-        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(policy.per_try_timeout):
-                async with self.upstream.session().get(url, headers=headers, allow_redirects=False) as response:
-                    body = await response.read()
-            verdict = classify_response(policy, response.status, response.content_type, body, expects_json=True)
-        except (TimeoutError, OSError, aiohttp.ClientError) as e:
-            verdict = classify_exception(e)
-        failed = verdict.verdict is Verdict.RETRY
-        target.record(ok=not failed, latency=time.monotonic() - started, error=f"health check: {verdict.detail}" if failed else None)
-        if not failed and target.breaker.opened_at is None:
-            logger.info(f"health check: {target.host} answers again")
 
     def status(self) -> dict:
         budget = self.failover.budget

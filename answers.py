@@ -1,4 +1,4 @@
-"""What the client gets: upstream answers passed on, and OpenAI-format errors made by the proxy.
+"""What the client gets: upstream answers passed on, and OpenAI-format errors made by the proxy when it gives up.
 
 Every error the proxy makes is `{"error": {"message", "type", "code", ...}}` with a fitting status, and a short form of
 the message in the HTTP reason phrase: SillyTavern 1.19 shows only the reason phrase of a failed non-streaming call.
@@ -7,13 +7,19 @@ the message in the HTTP reason phrase: SillyTavern 1.19 shows only the reason ph
 from __future__ import annotations
 
 import json
+import math
 import re
+import textwrap
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from retry_policy import error_message
+from retry_policy import Failure, Outcome, RetryPolicy, StopReason, Verdict, error_message
+
+if TYPE_CHECKING:
+    from upstream import UpstreamAttempt
 
 # Never copied from the upstream: they describe the upstream connection or a body encoding aiohttp already undid.
 _NOT_FORWARDED = frozenset(
@@ -129,3 +135,76 @@ def _is_openai_error(body: bytes) -> bool:
     except ValueError:
         return False
     return isinstance(document, dict) and isinstance(document.get("error"), dict) and bool(document["error"].get("message"))
+
+
+# --- what the client gets when the exchange is over -------------------------------------------------------------------
+
+
+def final_answer(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float, started: float) -> http.Response:
+    """The answer to a request that nothing has been sent for yet."""
+    last = outcome.last
+    verdict = last.classification.verdict
+    if verdict in (Verdict.SUCCESS, Verdict.PASS_THROUGH):
+        return upstream_response(last.status, last.reason, last.raw_headers, last.body, started)
+    if verdict is Verdict.FAIL_FAST:
+        return upstream_error_response(last.status, last.reason, last.raw_headers, last.body, started)
+    return gave_up(outcome, policy, elapsed).response()
+
+
+def failure_in_stream(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
+    """Any outcome but a stream, as the error event of a stream that has already begun (with heartbeats)."""
+    last = outcome.last
+    if last.classification.verdict is Verdict.RETRY:
+        return gave_up(outcome, policy, elapsed)
+    message = upstream_error_text(last.body, 300) or last.reason
+    return ProxyError(
+        last.status, f"Upstream answered {last.status}: {message}", f"upstream_http_{last.status}", attempts=outcome.attempts
+    )
+
+
+def gave_up(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
+    """Every attempt failed: say what happened last, and after how many attempts.
+
+    The status: a Retry-After past the deadline is 429 with retry_after; the upstream's own status when it kept
+    answering a retry code; 504 for timeouts; 502 for an unreachable upstream or broken answers.
+    """
+    last = outcome.last
+    attempts = outcome.attempts
+    tried = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
+    if outcome.stopped is StopReason.DEADLINE and last.retry_after is not None:
+        wait = math.ceil(outcome.refused_wait or last.retry_after)
+        return ProxyError(
+            429,
+            f"Upstream is rate limiting (it answered {last.status} and asked to wait {wait} s, which would pass "
+            f"the {policy.deadline:g} s deadline); {tried}. Try again in {wait} s.",
+            "rate_limited",
+            retry_after=wait,
+            attempts=attempts,
+        )
+    if outcome.stopped is StopReason.DEADLINE:
+        tried += f" (the {policy.deadline:g} s deadline was reached)"
+    elif outcome.stopped is StopReason.BUDGET:
+        tried += " (retry budget spent: the upstream is failing for many requests, so retries are paused)"
+    failure = last.classification.failure
+    detail = last.classification.detail
+    retry_after = None
+    if failure is Failure.STATUS:
+        upstream_said = upstream_error_text(last.body, 300)
+        if upstream_said:
+            detail += f" ({upstream_said})"
+        if last.retry_after is not None:
+            retry_after = math.ceil(last.retry_after)
+        status, code = last.status, f"upstream_http_{last.status}"
+    elif failure is Failure.TIMEOUT:
+        if last.status is None:  # no headers; with headers, it was the first SSE event that never came
+            detail = f"no response headers from upstream within {policy.per_try_timeout:g} s"
+        status, code = 504, "upstream_timeout"
+    elif failure is Failure.BROKEN:
+        status, code = 502, "upstream_bad_response"
+    else:
+        status, code = 502, "upstream_unreachable"
+    detail = f"{detail[0].upper()}{detail[1:]}"
+    # SillyTavern shows only the reason phrase, cut at 200 characters: keep the attempt count in it however long
+    # the upstream's own message is.
+    short = f"{textwrap.shorten(detail, 120, placeholder='...')}; {tried}"
+    return ProxyError(status, f"{detail}; {tried}.", code, retry_after=retry_after, attempts=attempts, short=short)

@@ -275,6 +275,26 @@ class UpstreamClient:
         )
 
 
+    async def probe(self, target: Target, policy: RetryPolicy) -> None:
+        """A health check: GET <base>/models with the target's key. Any answer that is not worth a retry counts as
+        healthy (a 401 still means the target is up); the result goes to the target's breaker and status."""
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(policy.per_try_timeout):
+                async with self.session().get(
+                    route(target.base_url, "/v1/models").url, headers=headers, allow_redirects=False
+                ) as response:
+                    body = await response.read()
+            result = classify_response(policy, response.status, response.content_type, body, expects_json=True)
+        except _UPSTREAM_NETWORK_ERRORS as exc:
+            result = classify_exception(exc)
+        failed = result.verdict is Verdict.RETRY
+        target.record(ok=not failed, latency=time.monotonic() - started, error=f"health check: {result.detail}" if failed else None)
+        if not failed:
+            logger.debug(f"health check: {target.host} is up")
+
+
 def describe_history(history: list[UpstreamAttempt], total_seconds: float, final: str | None = None) -> str:
     """For mitmweb comments and logs: '3 attempts: 503, 503 → 200 in 1.4 s'; with several targets or models,
     each attempt also names where it went: '2 attempts: 503 a.example → 200 b.example in 0.3 s'."""
