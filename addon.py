@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import json
@@ -88,6 +89,11 @@ class SeakingProxy:
         # runs; we answer everything ourselves, so mitmproxy should connect only when a flow asks it to.
         ctx.options.update(connection_strategy="lazy")
         self._health_checks = asyncio.get_running_loop().create_task(self._check_health_forever())
+        # What is loaded by now (mitmproxy, aiohttp, this addon) lives as long as the process. Freezing it keeps it out
+        # of every later full garbage collection, which would otherwise walk it while streams wait: 50-90 ms pauses of
+        # the event loop under 100 streams (measured with py-spy and GC callbacks).
+        gc.collect()
+        gc.freeze()
 
     def done(self) -> None:
         # done must stay synchronous (script reload calls it so); the sockets close on the loop.
