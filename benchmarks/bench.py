@@ -3,9 +3,10 @@
     /work/main/.venv/bin/python benchmarks/bench.py [--quick] [--out docs/benchmark.md] [--ways direct,seaking-proxy]
                                                     [--addon other/checkout/addon.py]
 
---quick shrinks every run so the whole benchmark takes under a minute (and skips the larger stream runs of a way whose
-streams all failed); without it, a few minutes. The markdown table is printed and written to --out together with the
-raw results as JSON. Nothing is asserted: this measures, it does not test.
+--quick shrinks every run so the whole benchmark takes about a minute and a half (and skips the larger stream runs of
+a way whose streams all failed); without it, a few minutes. The markdown table is printed and written to --out together
+with a short summary and the raw results as JSON, and a PNG of the main figures beside it (--out's name, .png) when
+matplotlib can be had. Nothing is asserted: this measures, it does not test.
 
 Setup. Three kinds of process, so that none steals the others' CPU on a small machine: this one (the aiohttp load
 generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstream: one clean upstream for the whole run,
@@ -18,8 +19,17 @@ the same upstream on loopback:
                       so this is the baseline for what streaming through mitmproxy can cost
   seaking-proxy ..... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default retry
                       settings; only the /models cache file is moved to a temp directory)
-Another way (e.g. a LiteLLM proxy) is one more `Way` in all_ways(). Every client keeps its connection alive, and warms
-it up with one request before the measured ones.
+  litellm ........... the LiteLLM proxy (`litellm --config <temp yaml> --host 127.0.0.1 --port <free port>`, one
+                      uvicorn worker) as a plain OpenAI-compatible passthrough: every model name goes to openai/<name>
+                      at the upstream; 3 retries at least 1 s apart (LiteLLM's own back-off: 1, 1, 2 s plus up to
+                      0.75 s jitter each; 1.82.6 also sleeps ~4 s after the last failed attempt before it answers),
+                      30 s per attempt, the OpenAI SDK's own retries off. No database, no master key, no admin UI, no
+                      telemetry, no download of the model cost map. LiteLLM lives in a venv of its own
+                      (benchmarks/requirements.txt, pinned), built once at ~/.cache/seaking-proxy/litellm-venv before
+                      the clock starts; see benchmarks/litellm_way.py. If it cannot be installed or does not start,
+                      its column says why and the other ways are measured as usual.
+Another way is one more `Way` in all_ways(). Every client keeps its connection alive, and warms it up with one request
+before the measured ones. Every process started runs in a process group of its own, stopped as a group at the end.
 
 What the figures mean:
   chat, N clients .......... non-streaming chat completions from N clients in a loop, each waiting for its answer:
@@ -33,12 +43,18 @@ What the figures mean:
                              streams (direct: mean ~45 ms, p99 ~50 ms; a proxy that buffers the response shows a TTFT of
                              the whole stream, ~1 s, and gaps near 0).
   failed (clean upstream) .. requests and streams of the runs above that did not end in a 200 with a complete body.
+  proxy start-up ........... from starting the process until it says it is listening (LiteLLM: and answers its
+                             /health/liveliness with 200).
   proxy RSS ................ resident memory of the proxy process when idle after start-up, and its peak during the
                              100-stream run (VmHWM after resetting it, else the highest VmRSS sampled every 20 ms).
   30 % 503 ................. 16 clients against the flaky upstream: success rate (200 with a body) and p50/p99
                              latency of all answers. Direct shows ~70 %: that is what a client without retries sees.
                              A retrying proxy's p99 is its back-off (config defaults); while clients wait for a retry
-                             the proxy is less loaded, so its p50 may even beat plain mitmdump's.
+                             the proxy is less loaded, so its p50 may even beat plain mitmdump's. seaking-proxy's
+                             default retry budget lets retries add only a share of the requests (retry_budget in
+                             config.py); a failure rate this high and this sustained spends it, and requests over
+                             budget get their 503 at once: that, not its retries giving up, is what keeps its success
+                             under 100 %.
   Ratios ................... this way's figure ÷ direct's, and ÷ plain mitmdump's. Higher is better for req/s and
                              success; lower for everything else.
 
@@ -54,6 +70,7 @@ import asyncio
 import contextlib
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -64,12 +81,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
+import litellm_way as litellm_way_module
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -100,6 +118,11 @@ class Way:
     # argv of the proxy for this upstream URL, given a private temp directory; None: the client goes direct.
     command: Callable[[str, Path], list[str]] | None = None
     ready: re.Pattern = LISTENING  # its output says it accepts connections; group 1 is the port
+    # The proxy's whole environment; None: ours, less SEAKING_* (measure the config we wrote). A proxy with an
+    # environment of its own also runs in the private temp directory rather than in the repository.
+    env: Mapping[str, str] | None = None
+    start_timeout: float = 30  # seconds until `ready`, and `health` answering 200
+    health: str | None = None  # a path that answers 200 once the proxy serves requests, polled after `ready`
 
 
 def seaking_command(addon: Path, upstream: str, workdir: Path) -> list[str]:
@@ -110,18 +133,27 @@ def seaking_command(addon: Path, upstream: str, workdir: Path) -> list[str]:
             "--set", f"seaking_config={config}"]
 
 
-def all_ways(addon: Path) -> list[Way]:
+def litellm_way(python: Path) -> Way:
+    """The LiteLLM proxy in its own venv, whose python is `python` (see litellm_way.py)."""
+    return Way("litellm", functools.partial(litellm_way_module.command, python), ready=litellm_way_module.READY,
+               env=litellm_way_module.environment(), start_timeout=litellm_way_module.START_TIMEOUT,
+               health="/health/liveliness")
+
+
+def all_ways(addon: Path, litellm_python: Path) -> list[Way]:
     return [
         Way("direct"),
         Way("mitmdump", lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN]),
         Way("mitmdump-stream",
             lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN, "--set", "stream_large_bodies=1"]),
         Way("seaking-proxy", functools.partial(seaking_command, addon)),
+        litellm_way(litellm_python),
     ]
 
 
-WAY_NAMES = [w.name for w in all_ways(Path("addon.py"))]
-BASELINES = ("direct", "mitmdump")  # ratios are given against these
+WAY_NAMES = [w.name for w in all_ways(Path("addon.py"), Path("python"))]
+BASELINES = ("direct", "mitmdump")  # ratios are given against these ...
+COMPARISONS = (("seaking-proxy", "litellm"),)  # ... and these pairs too
 
 
 # --- how much to measure -----------------------------------------------------------------------------------------
@@ -160,32 +192,55 @@ QUICK = Plan(
 
 
 class Process:
-    """A child process whose output goes to a log file (a full pipe would stall it), stopped with SIGINT."""
+    """A child process whose output goes to a log file (a full pipe would stall it), in a process group of its own,
+    stopped with SIGINT to the whole group (and SIGKILL for whatever of the group is left after 10 s)."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], workdir: Path, env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SEAKING_")}  # measure the config we wrote
-        env["PYTHONUNBUFFERED"] = "1"  # the "listening at" line must reach the log at once
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if env is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SEAKING_")}  # measure the config we wrote
+            cwd = REPO
+        else:
+            cwd = workdir
+        env = {**env, "PYTHONUNBUFFERED": "1"}  # the "listening at" line must reach the log at once
+        self.started = time.perf_counter()
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
-    async def port(self, ready: re.Pattern, timeout: float = 30) -> int:
+    async def port(self, ready: re.Pattern, timeout: float = 30, health: str | None = None) -> int:
+        """The port it listens on, once it says so (and `health` answers 200 there). Sets start_seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = ready.search(self.log_path.read_text(errors="replace"))
             if found:
+                port = int(found.group(1))
+                if health:
+                    await self._healthy(f"http://127.0.0.1:{port}{health}", deadline)
+                self.start_seconds = time.perf_counter() - self.started
                 # mitmdump says it is listening before it gives up on a script that fails to load.
                 await asyncio.sleep(0.3)
                 self.check_alive()
-                return int(found.group(1))
+                return port
             self.check_alive()
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.name} did not say it was listening within {timeout} s:\n{self.log_tail()}")
+
+    async def _healthy(self, url: str, deadline: float) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name}: {url} did not answer 200 in time:\n{self.log_tail()}")
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
@@ -194,21 +249,41 @@ class Process:
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
+    def group(self) -> list[int]:
+        """The processes still in this process's group (its children that did not leave it), itself included."""
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[2] == str(self.pid) and fields[0] != "Z":  # pgrp; zombies are gone already
+                members.append(int(stat.parent.name))
+        return members
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGINT)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 2
+        while self.group() and time.monotonic() < deadline:  # children may take a moment after their parent
+            time.sleep(0.05)
+        if self.group():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait()
         self._log.close()
 
 
-async def start(name: str, argv: list[str], workdir: Path, ready: re.Pattern = LISTENING) -> tuple[Process, int]:
-    process = Process(name, argv, workdir)
+async def start(name: str, argv: list[str], workdir: Path, ready: re.Pattern = LISTENING,
+                env: Mapping[str, str] | None = None, timeout: float = 30,
+                health: str | None = None) -> tuple[Process, int]:
+    process = Process(name, argv, workdir, env)
     try:
-        return process, await process.port(ready)
+        return process, await process.port(ready, timeout, health)
     except BaseException:
         process.stop()
         raise
@@ -232,7 +307,8 @@ async def reach(way: Way, target: str, workdir: Path, label: str) -> AsyncIterat
     if way.command is None:
         yield target, None
         return
-    process, port = await start(f"{way.name}-{label}", way.command(target, workdir), workdir, way.ready)
+    process, port = await start(f"{way.name}-{label}", way.command(target, workdir), workdir, way.ready, way.env,
+                                way.start_timeout, way.health)
     try:
         yield f"http://127.0.0.1:{port}", process
     finally:
@@ -459,6 +535,7 @@ async def measure_way(way: Way, clean: str, plan: Plan, workdir: Path) -> dict:
         if proxy:
             await asyncio.sleep(0.5)  # let start-up settle before reading idle memory
             results["memory"] = {"idle_rss_mib": round((status_kib(proxy.pid, "VmRSS") or 0) / 1024, 1)}
+            results["startup"] = {"seconds": round(proxy.start_seconds, 2)}
         for clients, budget in plan.chat.items():
             progress(f"  {way.name}: chat, {clients} client(s)")
             results[f"chat_{clients}"] = summarise_chat(await run_clients(base, clients, budget, chat))
@@ -481,10 +558,15 @@ async def measure_way(way: Way, clean: str, plan: Plan, workdir: Path) -> dict:
     return results
 
 
-async def bench(ways: list[Way], plan: Plan, workdir: Path) -> dict[str, dict]:
+async def bench(ways: list[Way], plan: Plan, workdir: Path, skipped: dict[str, str]) -> dict[str, dict]:
+    """Every way's results; a way in `skipped` (name -> why) gets {"skipped": why} instead."""
     results: dict[str, dict] = {}
     async with upstream(0.0, workdir, "clean") as clean:
         for way in ways:
+            if way.name in skipped:
+                progress(f"{way.name}: skipped: {skipped[way.name]}")
+                results[way.name] = {"skipped": skipped[way.name]}
+                continue
             progress(f"{way.name} ...")
             try:
                 results[way.name] = await measure_way(way, clean, plan, workdir)
@@ -521,6 +603,7 @@ def figures(plan: Plan) -> list[Figure]:
                  Figure(f"{name}: chunk gap mean", f"stream_{n}", "gap_mean_ms", "ms"),
                  Figure(f"{name}: chunk gap p99", f"stream_{n}", "gap_p99_ms", "ms")]
     rows += [Figure("failed (clean upstream)", "clean", "failed", "count"),
+             Figure("proxy start-up, until it serves", "startup", "seconds", "s"),
              Figure("proxy RSS, idle", "memory", "idle_rss_mib", "MiB"),
              Figure(f"proxy RSS, peak during {max(plan.stream)} streams", "memory", "peak_rss_mib", "MiB"),
              Figure(f"{FAIL_RATE:.0%} 503: success", "faults", "success_pct", "%"),
@@ -552,9 +635,14 @@ def ratio(mine: float | None, base: float | None) -> str:
     return f"{quotient:,.0f}" if quotient >= 100 else f"{quotient:.2f}"
 
 
+def ratio_pairs(ways: list[str]) -> list[tuple[str, str]]:
+    pairs = [(w, b) for b in BASELINES if b in ways for w in ways if ways.index(w) > ways.index(b)]
+    return pairs + [(w, b) for w, b in COMPARISONS if w in ways and b in ways]
+
+
 def markdown_tables(results: dict, ways: list[str], plan: Plan) -> str:
     rows = figures(plan)
-    pairs = [(w, b) for b in BASELINES if b in ways for w in ways if ways.index(w) > ways.index(b)]
+    pairs = ratio_pairs(ways)
     lines = ["| figure | unit | " + " | ".join(ways) + " |", "|---|---|" + "---:|" * len(ways)]
     for f in rows:
         lines.append(f"| {f.label} | {f.unit} | " + " | ".join(fmt(value(results, w, f)) for w in ways) + " |")
@@ -567,7 +655,126 @@ def markdown_tables(results: dict, ways: list[str], plan: Plan) -> str:
     for w in ways:
         if "broken" in results.get(w, {}):
             lines += ["", f"**{w}** could not be measured:", "", "```text", results[w]["broken"], "```"]
+        if "skipped" in results.get(w, {}):
+            lines += ["", f"**{w}** was skipped:", "", "```text", results[w]["skipped"], "```"]
     return "\n".join(lines)
+
+
+# --- the summary at the top: the same few comparisons every run, worded from this run's figures ---------------------
+
+
+def summary(results: dict, ways: list[str], plan: Plan) -> list[str]:
+    """A few plain lines comparing seaking-proxy with plain mitmdump(-stream) and LiteLLM, losses included."""
+    sp = "seaking-proxy"
+    if sp not in ways or not any(k.startswith("chat_") for k in results.get(sp, {})):
+        return []
+
+    def get(way: str, run: str, key: str) -> float | None:
+        return value(results, way, Figure("", run, key, "")) if way in ways else None
+
+    names = {"mitmdump": "plain mitmdump", "mitmdump-stream": "mitmdump-stream", "litellm": "LiteLLM"}
+    others = {w: label for w, label in names.items() if get(w, f"chat_{min(plan.chat)}", "p50_ms") is not None}
+    streamers = {w: label for w, label in others.items() if w != "mitmdump"}
+
+    def listing(run: str, key: str, who: dict[str, str], unit: str = "") -> str:
+        """"plain mitmdump 2.69, LiteLLM 7.85" for the ways measured."""
+        return ", ".join(f"{label} {fmt(get(w, run, key))}{unit}" for w, label in who.items()
+                         if get(w, run, key) is not None)
+
+    def compared(mine: float | None, theirs: float | None) -> str:
+        if mine is None or not theirs:
+            return "?"
+        quotient = mine / theirs
+        return "about the same as" if 0.9 <= quotient <= 1.1 else "more than" if quotient > 1.1 else "less than"
+
+    big, small = max(plan.chat), min(plan.chat)
+    rps = get(sp, f"chat_{big}", "rps")
+    mitm = get("mitmdump", f"chat_{big}", "rps")
+    lines = [(
+        f"- **Non-streaming:** at {big} clients seaking-proxy answers {fmt(rps)} req/s, {compared(rps, mitm)} plain "
+        f"mitmdump ({listing(f'chat_{big}', 'rps', others)}; direct {fmt(get('direct', f'chat_{big}', 'rps'))}). "
+        f"A lone request's p50: {fmt(get(sp, f'chat_{small}', 'p50_ms'))} ms "
+        f"({listing(f'chat_{small}', 'p50_ms', others)})."
+    )]
+    ns = list(plan.stream)
+    across = "/".join(map(str, ns))
+
+    def overheads(way: str) -> str:
+        return "/".join(fmt(get(way, f"stream_{n}", "ttft_overhead_p50_ms")) for n in ns)
+
+    buffered = get("mitmdump", f"stream_{ns[0]}", "ttft_p50_ms")
+    lines.append(
+        "- **Streaming:** " + (f"plain mitmdump buffers whole streams (first token after {fmt(buffered)} ms). "
+                               if buffered else "")
+        + f"seaking-proxy streams, adding {overheads(sp)} ms p50 to the first token at {across} streams ("
+        + ", ".join(f"{label} {overheads(w)}" for w, label in streamers.items()) + "); "
+        f"chunk gap p99 at {ns[-1]} streams {fmt(get(sp, f'stream_{ns[-1]}', 'gap_p99_ms'))} ms ("
+        + listing(f"stream_{ns[-1]}", "gap_p99_ms", {**streamers, "direct": "direct"})
+        + f"; the upstream sends every {CHUNK_DELAY * 1000:.0f} ms).")
+    lines.append(
+        f"- **Memory, start-up:** peak RSS during {ns[-1]} streams {fmt(get(sp, 'memory', 'peak_rss_mib'))} MiB ("
+        + listing("memory", "peak_rss_mib", others) + f"); serving {fmt(get(sp, 'startup', 'seconds'))} s after "
+        "start (" + listing("startup", "seconds", others, " s") + ").")
+    fault = f"{FAIL_RATE:.0%} of attempts answered 503"
+    line = (f"- **{fault}:** seaking-proxy delivers {fmt(get(sp, 'faults', 'success_pct'))} % ("
+            + listing("faults", "success_pct", {"direct": "direct", **others}, " %")
+            + f"); p99 {fmt(get(sp, 'faults', 'p99_ms'))} ms, which is retry back-off ("
+            + listing("faults", "p99_ms", {w: label for w, label in others.items() if w == "litellm"}, " ms")
+            + ").").replace(" ()", "")
+    example = str((results.get(sp, {}).get("faults") or {}).get("errors", {}).get("example", ""))
+    if "budget" in example:
+        line += (" Its failures come from its default retry budget: with retries past their share of the requests, "
+                 "it answers the 503 at once instead of retrying.")
+    lines.append(line)
+    losses = where_it_loses(results, ways, plan)
+    if losses:
+        lines.append("- **Where seaking-proxy loses** (by over 10 %): " + "; ".join(losses) + ".")
+    missing = [w for w in ways if results.get(w, {}).keys() & {"skipped", "broken"}]
+    lines.append("- One run on a shared 2-core machine: compare ways within this run; small differences are noise."
+                 + (f" Not measured: {', '.join(missing)} (see below)." if missing else ""))
+    return lines
+
+
+def where_it_loses(results: dict, ways: list[str], plan: Plan, worst: int = 6) -> list[str]:
+    """The figures where seaking-proxy does worse than another proxy by more than 10 %, worst first (per figure,
+    only its worst comparison)."""
+    sp = "seaking-proxy"
+    fault = f"{FAIL_RATE:.0%} 503"
+    keys = [Figure(f"req/s at {n} client{'s' * (n > 1)}", f"chat_{n}", "rps", "req/s") for n in plan.chat]
+    keys += [Figure(f"latency p50 at {n} client{'s' * (n > 1)}", f"chat_{n}", "p50_ms", "ms") for n in plan.chat]
+    keys += [Figure(f"TTFT overhead p50 at {n} stream{'s' * (n > 1)}", f"stream_{n}", "ttft_overhead_p50_ms", "ms")
+             for n in plan.stream]
+    keys += [Figure(f"chunk gap p99 at {n} stream{'s' * (n > 1)}", f"stream_{n}", "gap_p99_ms", "ms")
+             for n in plan.stream]
+    keys += [Figure("peak RSS", "memory", "peak_rss_mib", "MiB"), Figure("start-up", "startup", "seconds", "s"),
+             Figure(f"success under {fault}", "faults", "success_pct", "%"),
+             Figure(f"p50 under {fault}", "faults", "p50_ms", "ms"),
+             Figure(f"p99 under {fault}", "faults", "p99_ms", "ms")]
+    higher_is_better = {"rps", "success_pct"}
+    worst_per_figure: dict[str, tuple[bool, float, str]] = {}
+    for other in ("mitmdump", "mitmdump-stream", "litellm"):
+        if other not in ways:
+            continue
+        for f in keys:
+            mine, theirs = value(results, sp, f), value(results, other, f)
+            if mine is None or theirs is None or theirs <= 0 or mine <= 0:
+                continue
+            if other.startswith("mitmdump") and f.run == "faults" and f.key != "success_pct":
+                continue  # a way that never retries answers a fault at once: its latency is no race
+            if other == "mitmdump" and f.run.startswith("stream_"):
+                continue  # plain mitmdump does not stream: its TTFT and gaps are no race
+            if f.run.startswith("stream_") and abs(mine - theirs) < 2:
+                continue  # a millisecond or two of streaming is noise
+            how_much = theirs / mine if f.key in higher_is_better else mine / theirs
+            text = f"{f.label}, vs {names_for_people.get(other, other)} ({fmt(mine)} vs {fmt(theirs)} {f.unit})"
+            if how_much > 1.1 and how_much > worst_per_figure.get(f.label, (False, 0.0, ""))[1]:
+                # Delivering fewer answers is what a reliability proxy exists to avoid: that loss comes first.
+                worst_per_figure[f.label] = (f.key == "success_pct", how_much, text)
+    found = sorted(worst_per_figure.values(), reverse=True)
+    return [text for *_, text in found[:worst]]
+
+
+names_for_people = {"mitmdump": "plain mitmdump", "litellm": "LiteLLM"}
 
 
 def git_revision() -> str:
@@ -581,7 +788,7 @@ def git_revision() -> str:
         return "unknown"
 
 
-def environment(quick: bool) -> dict:
+def environment(quick: bool, litellm: dict) -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # Other work on the machine skews every figure; a load near 0 before the run means a quiet machine.
@@ -592,22 +799,37 @@ def environment(quick: bool) -> dict:
         "python": platform.python_version(),
         "mitmproxy": importlib.metadata.version("mitmproxy"),
         "aiohttp": aiohttp.__version__,
+        "litellm": litellm,
         "upstream": {"stream_chunks": STREAM_CHUNKS, "chunk_delay_s": CHUNK_DELAY, "fail_rate": FAIL_RATE},
     }
 
 
-def report(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float) -> tuple[str, str]:
-    """(table for the terminal, whole markdown document)."""
+def raw_results(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float) -> dict:
+    return {"environment": env, "plan": asdict(plan), "ways": ways, "results": results,
+            "run_seconds": round(seconds, 1)}
+
+
+def report(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float,
+           plot_note: str) -> tuple[str, str]:
+    """(table for the terminal, whole markdown document). plot_note: the markdown for the plot, or why there is none."""
     tables = markdown_tables(results, ways, plan)
     legend = __doc__.split("What the figures mean:\n", 1)[1]
-    raw = {"environment": env, "plan": asdict(plan), "results": results, "run_seconds": round(seconds, 1)}
+    raw = raw_results(results, ways, plan, env, seconds)
+    summary_lines = summary(results, ways, plan)
+    litellm = env.get("litellm") or {}
+    versions = f"Python {env['python']}, mitmproxy {env['mitmproxy']}" + (
+        f", LiteLLM {litellm['version']}" if litellm.get("version") else "")
     document = "\n".join([
         "# seaking-proxy benchmark",
         "",
-        f"{env['date']}, revision {env['revision']}, {env['mode']} run ({seconds:.0f} s), {env['cpus']} CPUs "
-        f"(load average before: {env['load_average_before']}), Python {env['python']}, mitmproxy {env['mitmproxy']}.",
+        *summary_lines, *([""] if summary_lines else []),
+        (f"{env['date']}, revision {env['revision']}, {env['mode']} run ({seconds:.0f} s), {env['cpus']} CPUs "
+         f"(load average before: {env['load_average_before']}, after: {env.get('load_average_after', '?')}), "
+         f"{versions}."),
         "Produced by `benchmarks/bench.py`" + (" --quick" if env["mode"] == "quick" else "") + "; setup and method in "
         "its docstring. Upstream, proxy and load generator are separate processes on loopback.",
+        "",
+        plot_note,
         "",
         tables,
         "",
@@ -643,26 +865,70 @@ def main() -> None:
     unknown = set(wanted) - set(WAY_NAMES)
     if unknown:
         parser.error(f"unknown way(s): {', '.join(sorted(unknown))}")
-    ways = [w for w in all_ways(Path(args.addon).resolve()) if w.name in wanted]
     plan = QUICK if args.quick else FULL
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Started with `&` from a script, SIGINT is ignored, and children would inherit that: SIGINT could not stop
         # them. Any handler here is reset to the default in a child.
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    env = environment(args.quick)
+    # LiteLLM's venv is built (or found) before the clock starts: installing it is no part of any way's figures.
+    skipped: dict[str, str] = {}
+    litellm: dict = {"version": None, "venv": str(litellm_way_module.venv_dir())}
+    litellm_python = Path("python")
+    if "litellm" in wanted:
+        try:
+            litellm_python, install_seconds = litellm_way_module.ensure_venv(progress)
+            litellm.update(version=litellm_way_module.VERSION, install_seconds=install_seconds)
+        except litellm_way_module.Unavailable as e:
+            skipped["litellm"] = f"LiteLLM could not be installed into its venv: {e}"
+            litellm["unavailable"] = skipped["litellm"]
+    ways = [w for w in all_ways(Path(args.addon).resolve(), litellm_python) if w.name in wanted]
+
+    env = environment(args.quick, litellm)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="seaking-bench-") as workdir:
-        results = asyncio.run(bench(ways, plan, Path(workdir)))
+        results = asyncio.run(bench(ways, plan, Path(workdir), skipped))
     seconds = time.monotonic() - started
+    # The run's own processes load the machine too; an "after" far above what the run itself leaves (~1-2 on two
+    # cores) means something else was running meanwhile.
+    env["load_average_after"] = round(os.getloadavg()[0], 2)
 
     names = [w.name for w in ways]
-    tables, document = report(results, names, plan, env, seconds)
-    print(tables)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot_note = draw_plot(raw_results(results, names, plan, env, seconds), png, litellm_python)
+    tables, document = report(results, names, plan, env, seconds, plot_note)
+    print(tables)
     out.write_text(document)
-    progress(f"\nwritten to {out} ({seconds:.0f} s)")
+    progress(f"\nwritten to {out} ({seconds:.0f} s); {plot_note}")
+
+
+def draw_plot(raw: dict, png: Path, litellm_python: Path) -> str:
+    """Draws benchmarks/plot.py's PNG with whichever python has matplotlib: this one, or the LiteLLM venv's. The
+    markdown that shows it, or a note saying why there is none (an old PNG is then removed: it would mislead)."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        python = Path(sys.executable)
+    elif litellm_python.exists() and litellm_way_module.has_matplotlib(litellm_python):
+        python = litellm_python
+    else:
+        png.unlink(missing_ok=True)
+        return ("No plot: matplotlib is not importable here nor in LiteLLM's venv "
+                "(`pip install -r benchmarks/requirements.txt` into a venv that runs bench.py).")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(raw, f)
+    try:
+        done = subprocess.run([str(python), str(HERE / "plot.py"), f.name, str(png)], capture_output=True, text=True,
+                              timeout=180, check=False)
+    except subprocess.TimeoutExpired:
+        done = None
+    finally:
+        os.unlink(f.name)
+    if done is None or done.returncode != 0:
+        png.unlink(missing_ok=True)
+        why = "it took over 180 s" if done is None else " ".join(done.stderr.strip().splitlines()[-1:])
+        return f"No plot: benchmarks/plot.py failed ({why})."
+    return f"![The main figures, one bar per way]({png.name})"
 
 
 if __name__ == "__main__":
