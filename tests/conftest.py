@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +19,11 @@ from multidict import CIMultiDict
 from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 
-from addon import SeakingProxy
+import addon
 from fault_upstream import FaultyUpstream
 
+ROOT = Path(__file__).resolve().parent.parent
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 # Fast retries so that tests take milliseconds; tests that measure waits set their own.
@@ -52,7 +58,7 @@ class FlowCollector:
 @dataclass
 class RunningProxy:
     master: DumpMaster
-    addon: SeakingProxy
+    addons: list
     url: str
     collector: FlowCollector
     config_path: Path
@@ -61,6 +67,14 @@ class RunningProxy:
     @property
     def flows(self):
         return self.collector.flows
+
+    def addon(self, name: str):
+        """One of the pipeline's addons, by its mitmproxy name without the "seaking." prefix."""
+        return self.master.addons.get(f"seaking.{name}")
+
+    @property
+    def shared(self):
+        return self.addon("settings").shared
 
     async def stop(self) -> None:
         self.master.shutdown()
@@ -79,9 +93,9 @@ async def start_proxy(
         with_termlog=False,
         with_dumper=False,
     )
-    addon = SeakingProxy()
+    pipeline = addon.pipeline()
     collector = FlowCollector()
-    master.addons.add(addon, collector)
+    master.addons.add(*pipeline, collector)
     master.options.update(seaking_config=str(config_path), **extra_options)
     task = asyncio.create_task(master.run())
     for _ in range(200):
@@ -91,7 +105,85 @@ async def start_proxy(
             break
     else:
         raise RuntimeError("mitmproxy did not start listening")
-    return RunningProxy(master, addon, f"http://127.0.0.1:{addrs[0][1]}", collector, config_path, task)
+    return RunningProxy(master, pipeline, f"http://127.0.0.1:{addrs[0][1]}", collector, config_path, task)
+
+
+class Mitmdump:
+    """The command users run, `mitmdump -s addon.py ...`, as a subprocess listening on 127.0.0.1."""
+
+    def __init__(self, *args: str, env: dict | None = None, cwd: Path | None = None, port: int = 0) -> None:
+        self.args = [str(MITMDUMP), "-s", str(ROOT / "addon.py"), "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.process: asyncio.subprocess.Process | None = None
+        self.output = ""
+        self._reader: asyncio.Task | None = None
+        self._listening = asyncio.Event()
+
+    async def spawn(self) -> None:
+        """Start it without waiting for it to listen."""
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env, cwd=self.cwd
+        )
+        self._reader = asyncio.create_task(self._read_output())
+
+    async def _read_output(self) -> None:
+        # Read all along: a full pipe would block mitmdump.
+        while line := await self.process.stdout.readline():
+            self.output += line.decode()
+            if "listening at" in line.decode():
+                self._listening.set()
+
+    async def start(self) -> str:
+        """Start and return the proxy URL; raise with the output if it exits instead."""
+        await self.spawn()
+        listening = asyncio.create_task(self._listening.wait())
+        try:
+            async with asyncio.timeout(30):
+                await asyncio.wait({self._reader, listening}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+        if match := re.search(r"listening at .*:(\d+)", self.output):
+            return f"http://127.0.0.1:{match.group(1)}"
+        await self.process.wait()
+        raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.output}")
+
+    async def run_to_exit(self) -> int:
+        """For start-ups that must fail: mitmproxy logs the error, may open its listener, then exits."""
+        await self.spawn()
+        async with asyncio.timeout(30):
+            await self.process.wait()
+            await self._reader
+        return self.process.returncode
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(10):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reader, 5)
+        return self.process.returncode
+
+
+@pytest.fixture
+async def mitmdump(tmp_path):
+    """make(*args, env=..., cwd=..., port=...) -> a Mitmdump (not started); all are stopped at the end."""
+    started: list[Mitmdump] = []
+
+    def make(*args: str, env: dict | None = None, **kwargs) -> Mitmdump:
+        process = Mitmdump(*args, env={"XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}, **kwargs)
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        if process.process is not None:
+            await process.stop()
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import ConfigError, load_config, parse_config
+from seaking.config import ConfigError, load_config, parse_config
 
 SPEC_EXAMPLE = """
 target_proxy:

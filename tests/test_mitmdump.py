@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import sys
-from pathlib import Path
+import socket
 
 import pytest
 import yaml
@@ -16,67 +12,7 @@ from mitmproxy import io
 from conftest import call
 from fault_upstream import Reset, Status
 
-ROOT = Path(__file__).resolve().parent.parent
-MITMDUMP = Path(sys.executable).with_name("mitmdump")
 UPSTREAM_KEY = "sk-upstream-secret-in-subprocess"
-
-
-class Mitmdump:
-    def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.args = [str(MITMDUMP), "-s", str(ROOT / "addon.py"), "--listen-host", "127.0.0.1", "--listen-port", "0", *args]
-        self.env = {**os.environ, **(env or {})}
-        self.process: asyncio.subprocess.Process | None = None
-        self.output = ""
-
-    async def start(self) -> str:
-        """Start and return the proxy URL; raise with the output if it exits instead."""
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env
-        )
-        async with asyncio.timeout(30):
-            while line := await self.process.stdout.readline():
-                self.output += line.decode()
-                if match := re.search(r"listening at .*:(\d+)", self.output):
-                    return f"http://127.0.0.1:{match.group(1)}"
-        await self.process.wait()
-        raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.output}")
-
-    async def run_to_exit(self) -> int:
-        """For start-ups that must fail: mitmproxy logs the error, may open its listener, then exits."""
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env
-        )
-        async with asyncio.timeout(30):
-            output, _ = await self.process.communicate()
-        self.output = output.decode()
-        return self.process.returncode
-
-    async def stop(self) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(10):
-                    rest, _ = await self.process.communicate()
-                    self.output += rest.decode()
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        return self.process.returncode
-
-
-@pytest.fixture
-async def mitmdump(tmp_path):
-    started: list[Mitmdump] = []
-
-    def make(*args: str, env: dict | None = None) -> Mitmdump:
-        process = Mitmdump(*args, env={"XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})})
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        if process.process is not None:
-            await process.stop()
 
 
 async def test_the_plain_command_works_with_the_shipped_config(mitmdump, upstream, client, tmp_path):
@@ -147,3 +83,62 @@ async def test_an_unreachable_target_still_gets_answers(mitmdump, client, tmp_pa
     assert (models.status, models.json()["data"][0]["id"]) == (200, "local-model")
     chat = await call(client, "POST", url + "/v1/chat/completions", json={"model": "m", "messages": []})
     assert (chat.status, chat.error["code"]) == (502, "upstream_unreachable")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_the_first_connection_is_answered_by_the_addon(mitmdump, tmp_path):
+    """Connect the moment the port opens: mitmproxy 12 may listen before a script's `running` hook, and with its
+    default eager connection strategy an unreachable upstream then closes the client with no answer at all."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"error_handling": {"max_retries": 0}}))
+    for _ in range(3):
+        port = free_port()
+        proxy = mitmdump("--mode", "reverse:http://127.0.0.1:9", "--set", f"seaking_config={config}", port=port)
+        await proxy.spawn()
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    break
+                except OSError:
+                    await asyncio.sleep(0.002)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the end: Connection: close
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 502 ") and b'"upstream_unreachable"' in answer, answer
+        await proxy.stop()
+
+
+async def test_another_script_with_its_own_config_module_loads_beside_it(mitmdump, upstream, client, tmp_path):
+    """mitmproxy puts each script's folder on one shared sys.path: a generic module name of ours would shadow theirs,
+    or theirs ours. Both orders, from an unrelated working directory."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.py").write_text('MARKER = "the other script\'s config"\n')
+    (other / "other.py").write_text(
+        "import config\n\n\n"
+        "class Other:\n"
+        "    def response(self, flow):\n"
+        "        flow.response.headers['x-other'] = config.MARKER\n\n\n"
+        "addons = [Other()]\n"
+    )
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "config.py").write_text("raise RuntimeError('a config.py in the working directory was imported')\n")
+    for order in ("other first", "seaking first"):
+        proxy = mitmdump("--mode", f"reverse:{upstream.url}", cwd=elsewhere)
+        other_script = ["-s", str(other / "other.py")]
+        proxy.args[1:1] = other_script if order == "other first" else []
+        proxy.args += [] if order == "other first" else other_script
+        url = await proxy.start()
+        answer = await call(client, "POST", url + "/v1/chat/completions", json={"model": "m", "messages": []})
+        assert (answer.status, answer.headers.get("x-other"), answer.headers.get("x-seaking-attempts")) == (
+            200, "the other script's config", "1"), (order, proxy.output)
+        assert "Traceback" not in proxy.output, proxy.output
+        await proxy.stop()

@@ -15,6 +15,7 @@ import time
 import aiohttp
 import pytest
 from mitmproxy import exceptions, io
+from mitmproxy.proxy.layers.http import HttpRequestHook as RequestHook
 
 from conftest import CHAT, call, chat
 from fault_upstream import MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status
@@ -494,7 +495,7 @@ async def test_replays_from_mitmweb_are_left_to_mitmproxy(proxy, upstream, clien
     flow = proxy.flows[-1].copy()
     flow.response = None
     flow.is_replay = "request"
-    await proxy.addon.request(flow)
+    await proxy.master.addons.trigger_event(RequestHook(flow))
     assert flow.response is None
 
 

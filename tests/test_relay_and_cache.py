@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-import relay as relay_module
-from models_cache import ModelsCache, fallback_models_body, is_models_list
-from relay import Relay, RelayJob
+import seaking.relay as relay_module
+from seaking.models_cache import ModelListStore, fallback_models_body, is_models_list
+from seaking.relay import TOKEN_HEADER, Relay, RelayJob
 
 
 async def chunks(*parts: bytes):
@@ -27,12 +27,12 @@ async def relay():
 
 async def test_a_job_is_served_once_then_its_token_is_gone(relay, client):
     closed = []
-    path = relay.register(RelayJob(201, [("x-kind", "test")], chunks(b"a", b"b"), on_close=lambda: closed.append(1)))
-    url = f"http://127.0.0.1:{relay.port}{path}"
-    async with client.get(url) as response:
+    token = relay.register(RelayJob(201, [("x-kind", "test")], chunks(b"a", b"b"), on_close=lambda: closed.append(1)))
+    url, headers = f"http://127.0.0.1:{relay.port}/v1/chat/completions", {TOKEN_HEADER: token}
+    async with client.get(url, headers=headers) as response:
         assert (response.status, response.headers["x-kind"], await response.read()) == (201, "test", b"ab")
     assert closed == [1]
-    async with client.get(url) as response:
+    async with client.get(url, headers=headers) as response:
         assert response.status == 404
     assert relay.pending == 0
 
@@ -61,17 +61,17 @@ async def test_the_relay_listens_on_loopback_only(relay):
 
 def test_models_cache_survives_a_new_instance(tmp_path):
     path = tmp_path / "sub" / "models.json"
-    ModelsCache(path).put("http://u/v1/models", b'{"data": [{"id": "m"}]}')
-    cached = ModelsCache(path).get("http://u/v1/models")
+    ModelListStore(path).put("http://u/v1/models", b'{"data": [{"id": "m"}]}')
+    cached = ModelListStore(path).get("http://u/v1/models")
     assert cached.body == b'{"data": [{"id": "m"}]}'
     assert cached.age() == 0 and cached.age(now=cached.fetched_at + 90) == 90
-    assert ModelsCache(path).get("http://other/v1/models") is None
+    assert ModelListStore(path).get("http://other/v1/models") is None
 
 
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, caplog):
     path = tmp_path / "models.json"
     path.write_text("{not json")
-    cache = ModelsCache(path)
+    cache = ModelListStore(path)
     assert cache.get("u") is None
     assert "unreadable" in caplog.text
     cache.put("u", b'{"data": []}')
@@ -81,7 +81,7 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, caplog):
 def test_an_unwritable_cache_keeps_working_in_memory(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    cache = ModelsCache(blocker / "models.json")  # its parent is a file: cannot be created
+    cache = ModelListStore(blocker / "models.json")  # its parent is a file: cannot be created
     cache.put("u", b'{"data": []}')
     assert cache.get("u").body == b'{"data": []}'
     assert "in memory only" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routing import route
+from seaking.routing import route
 
 
 @pytest.mark.parametrize(

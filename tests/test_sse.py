@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from answers import ProxyError
-from streaming import DONE, SseWatcher, completion_as_sse, is_error_payload, is_event_stream
+from seaking.errors import ProxyError
+from seaking.streaming import DONE, SseWatcher, completion_as_sse, is_error_payload, is_event_stream
 
 DROPPED = ProxyError(502, "dropped", "stream_interrupted")
 

@@ -337,11 +337,11 @@ async def test_abandoned_streams_leak_nothing(proxy_factory, upstream, client):
     await asyncio.gather(*(abandon(i % 3, delayed=i % 4 == 0) for i in range(40)))
     for _ in range(100):  # the proxy notices disconnects asynchronously
         await asyncio.sleep(0.05)
-        if all(r.disconnected_at or r is upstream.received[0] for r in upstream.received[1:]) and proxy.addon.relay.pending == 0:
+        if all(r.disconnected_at or r is upstream.received[0] for r in upstream.received[1:]) and proxy.shared.relay.pending == 0:
             break
     gc.collect()
-    assert proxy.addon.relay.pending == 0
-    assert proxy.addon._relayed == {}
+    assert proxy.shared.relay.pending == 0
+    assert proxy.shared.relay.bound == 0
     assert [r for r in upstream.received[1:] if r.disconnected_at is None] == []
     assert len(asyncio.all_tasks()) <= tasks_before + 2
     assert open_fds() <= fds_before + 4

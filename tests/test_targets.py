@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from targets import BreakerState, CircuitBreaker, Target, TargetPool
+from seaking.targets import BreakerState, CircuitBreaker, Target, TargetPool
 
 
 class Clock:

@@ -30,9 +30,9 @@ from retry_policy import (
     run_with_retries,
     wait_unless,
 )
-from routing import route
-from streaming import LiveStream, is_event_stream, read_first_event
-from targets import Target, TargetPool
+from seaking.routing import route
+from seaking.streaming import LiveStream, is_event_stream, read_first_event
+from seaking.targets import Target, TargetPool
 
 logger = logging.getLogger("seaking")
 
@@ -274,7 +274,6 @@ class UpstreamClient:
             stream=live,
         )
 
-
     async def probe(self, target: Target, policy: RetryPolicy) -> None:
         """A health check: GET <base>/models with the target's key. Any answer that is not worth a retry counts as
         healthy (a 401 still means the target is up); the result goes to the target's breaker and status."""
@@ -293,22 +292,3 @@ class UpstreamClient:
         target.record(ok=not failed, latency=time.monotonic() - started, error=f"health check: {result.detail}" if failed else None)
         if not failed:
             logger.debug(f"health check: {target.host} is up")
-
-
-def describe_history(history: list[UpstreamAttempt], total_seconds: float, final: str | None = None) -> str:
-    """For mitmweb comments and logs: '3 attempts: 503, 503 → 200 in 1.4 s'; with several targets or models,
-    each attempt also names where it went: '2 attempts: 503 a.example → 200 b.example in 0.3 s'."""
-    hosts = len({a.target.host for a in history if a.target}) > 1
-    models = len({a.model for a in history}) > 1
-    labels = [
-        " ".join([a.label] + ([a.target.host] if hosts and a.target else []) + ([str(a.model)] if models else []))
-        for a in history
-    ]
-    if final and (hosts or models):
-        final = f"{final} after {labels[-1]}"
-    end = final or labels[-1]
-    earlier = ", ".join(labels[:-1])
-    noun = "attempt" if len(history) == 1 else "attempts"
-    path = f"{earlier} → {end}" if earlier else end
-    return f"{len(history)} {noun}: {path} in {total_seconds:.1f} s"
-

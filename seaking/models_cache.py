@@ -2,6 +2,7 @@
 
 SillyTavern's "Connect" button lists models from /models; when the upstream is down the list would stay empty and the
 user could not pick a model, although chat may work a minute later. A cached list keeps that working.
+`ModelsCache` is the mitmproxy addon; `ModelListStore` the store behind it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from mitmproxy import http
+
+from seaking.flows import RECORD_KEY, is_client_flow, record
+from seaking.routing import MODELS_ENDPOINT, route
+
+logger = logging.getLogger("seaking")
+
+CACHE_HEADER = "x-seaking-cache"
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ def fallback_models_body(model_ids: tuple[str, ...]) -> bytes:
     return json.dumps({"object": "list", "data": data}).encode()
 
 
-class ModelsCache:
+class ModelListStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: dict[str, CachedModels] | None = None  # read from the file on first use
@@ -73,3 +81,48 @@ class ModelsCache:
             os.replace(tmp.name, self.path)
         except OSError as e:
             logger.warning(f"cannot write models cache {self.path}: {e}; keeping it in memory only")
+
+
+class ModelsCache:
+    """mitmproxy addon, after the Exchange: keeps each good /models answer, and answers /models from the last one
+    (or from models.fallback) when the upstream is unavailable. A 401 or 404 is not an outage: the user needs to see
+    it, not a stale list."""
+
+    name = "seaking.models_cache"
+
+    def __init__(self, shared) -> None:
+        self.shared = shared
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        flow_record = flow.metadata.get(RECORD_KEY, {})
+        if not is_client_flow(flow) or flow.response is None or flow_record.get("endpoint") != MODELS_ENDPOINT:
+            return
+        verdict = flow_record["verdict"]
+        if verdict == "success":
+            if is_models_list(flow.response.content):
+                self.shared.models.put(flow.request.url, flow.response.content)
+        elif verdict == "retry":
+            self._answer_from_store(flow, flow_record)
+
+    def _answer_from_store(self, flow: http.HTTPFlow, flow_record: dict) -> None:
+        why = f"upstream unavailable ({flow_record['attempts'][-1]['detail']})"
+        stored = (self.shared.models.get(route(t.base_url, flow_record["client_path"]).url) for t in self.shared.failover.pool.targets)
+        cached = next((c for c in stored if c), None)
+        if cached is not None:
+            age = cached.age()
+            logger.warning(f"/models: {why}; serving the list cached {age} s ago")
+            answer, answered_by = _json_response(cached.body, {CACHE_HEADER: f"stale; age={age}", "age": str(age)}), "models cache"
+        elif self.shared.config.models.fallback:
+            logger.warning(f"/models: {why}; serving models.fallback")
+            answer = _json_response(fallback_models_body(self.shared.config.models.fallback), {CACHE_HEADER: "fallback"})
+            answered_by = "models fallback"
+        else:
+            return
+        # Where the answer would have come from: the exchange's x-seaking-* headers stay.
+        answer.headers.update({k: v for k, v in flow.response.headers.items() if k.lower().startswith("x-seaking-")})
+        flow.response = answer
+        record(flow).update(answered_by=answered_by, status=200)
+
+
+def _json_response(body: bytes, headers: dict[str, str]) -> http.Response:
+    return http.Response.make(200, body, {"content-type": "application/json", **headers})

@@ -21,7 +21,7 @@ import yaml
 
 from retry_policy import RetryPolicy
 
-DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.yaml")
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"  # beside addon.py
 ENV_API_KEY = "SEAKING_API_KEY"
 ENV_ACCESS_KEY = "SEAKING_ACCESS_KEY"
 

@@ -121,7 +121,7 @@ class TargetPool:
         self.rng = rng or random.Random()
         self._next_start = 0
 
-    def plan(self) -> Failover:
+    def plan(self) -> TargetPlan:
         """The order in which one request tries the targets."""
         order = list(self.targets)
         if self.strategy == "round_robin":
@@ -131,11 +131,11 @@ class TargetPool:
         elif self.strategy == "weighted":
             # Weighted random order without replacement (Efraimidis-Spirakis): heavier targets tend to come first.
             order.sort(key=lambda t: self.rng.random() ** (1 / t.weight) if t.weight > 0 else -1.0, reverse=True)
-        return Failover(order)
+        return TargetPlan(order)
 
 
 @dataclass
-class Failover:
+class TargetPlan:
     """One request's way through the targets: each round tries every target its breaker allows, once."""
 
     order: list[Target]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from answers import ProxyError
+from seaking.errors import ProxyError
 from retry_policy import Classification, Failure, Verdict
 
 HEARTBEAT = b": keep-alive\n\n"

@@ -1,0 +1,245 @@
+"""The upstream exchange, from the request hook: where a request is routed, retried and answered.
+
+mitmproxy does not talk to the upstream for the proxy's flows: it has no upstream timeouts and cannot answer the
+client after its own attempt failed. So the request hook runs the exchange (upstream.py: attempts over targets and
+fallback models, classified and retried by retry_policy.py) and answers: a whole response on the flow, or — once the
+first event of a stream is in — the open upstream stream handed to the relay, which mitmproxy streams from. A client
+that waits `heartbeat_interval` with nothing gets a committed SSE answer with heartbeats instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from mitmproxy import http
+from mitmproxy.connection import ConnectionState
+
+from retry_policy import Outcome, Verdict
+from seaking.answers import failure_in_stream, final_answer, forwardable_headers
+from seaking.errors import ProxyError
+from seaking.flows import is_answered, is_client_flow, record
+from seaking.redaction import scrub, scrub_response
+from seaking.relay import RelayJob
+from seaking.routing import Route, route
+from seaking.streaming import LiveStream, client_stream, completion_as_sse
+from seaking.upstream import UpstreamAttempt, UpstreamRequest
+
+logger = logging.getLogger("seaking")
+
+SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
+# How often a waiting request checks whether its client is still there. mitmproxy tells no hook that a client left
+# while a request is pending (its client_disconnected hook comes only after the flow ends), but marks the connection.
+CLIENT_CHECK_SECONDS = 0.25
+
+
+class Exchange:
+    """mitmproxy addon: answers every client flow that no earlier addon answered, from the upstream."""
+
+    name = "seaking.exchange"
+
+    def __init__(self, shared) -> None:
+        self.shared = shared
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not is_client_flow(flow) or is_answered(flow):
+            return
+        secrets = self.shared.redaction.client_secrets(flow) | self.shared.configured_secrets()
+        answer = await self._answer(flow, secrets)
+        if answer is None:
+            return  # a streaming answer: mitmproxy fetches it from the relay
+        if answer.status_code >= 400:
+            scrub_response(answer, secrets)
+        flow.response = answer
+
+    async def _answer(self, flow: http.HTTPFlow, secrets: set[str]) -> http.Response | None:
+        """The answer for the client, or None when the flow was handed to the relay for a streaming answer."""
+        config = self.shared.config
+        request = flow.request
+        flow_record = record(flow)
+        client_path = request.path
+        primary = route(self.shared.failover.pool.targets[0].base_url, client_path)  # URLs come per attempt
+        flow_record.update(endpoint=primary.endpoint, client_path=client_path)
+        wants_stream = flow_record.get("stream") is True
+        started = time.time()
+        exchange = asyncio.create_task(
+            self.shared.upstream.exchange(
+                config.retry,
+                UpstreamRequest(
+                    method=request.method,
+                    path=client_path,
+                    headers=self.shared.redaction.client_headers(flow),
+                    body=request.raw_content or b"",
+                    expects_json=primary.endpoint is not None,
+                    model=flow_record.get("model"),
+                    first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
+                ),
+                self.shared.failover,
+                on_retry=lambda last, number, wait: self._log_retry(request.method, last, number, wait, secrets),
+            )
+        )
+        heartbeat_after = config.streaming.heartbeat_interval if wants_stream else None
+        if not await _while_client_waits(flow, exchange, heartbeat_after):
+            if _client_left(flow):
+                exchange.cancel()  # nobody to answer: stop spending upstream work on it
+                flow.kill()
+                return None
+            await self._stream_with_heartbeats(flow, primary, exchange, started, secrets)
+            return None
+        outcome, history = await exchange
+        last = outcome.last
+        answered_from = route(last.target.base_url, client_path)
+        if last.stream is not None:
+            self._record(flow, outcome, history, started, secrets, proxy_made=False, status=last.status)
+            headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
+            await self._relay(flow, answered_from, last.status, headers, _resolved(last.stream), reason=last.reason)
+            return None
+        # Show the true upstream in mitmweb and recordings.
+        flow.request.url = answered_from.url
+        answer = final_answer(outcome, config.retry, time.time() - started, started)
+        answer.headers.update(seaking_headers(outcome))
+        proxy_made = last.classification.verdict is Verdict.RETRY
+        self._record(flow, outcome, history, started, secrets, proxy_made, answer.status_code)
+        return answer
+
+    async def _stream_with_heartbeats(
+        self, flow: http.HTTPFlow, primary: Route, exchange: asyncio.Task, started: float, secrets: set[str]
+    ) -> None:
+        """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
+        with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
+
+        async def stream_or_error() -> LiveStream | bytes | ProxyError:
+            outcome, history = await exchange
+            last = outcome.last
+            self._record(flow, outcome, history, started, secrets, proxy_made=last.stream is None, status=200)
+            if last.stream is not None:
+                return last.stream
+            if last.classification.verdict is Verdict.SUCCESS:
+                replay = completion_as_sse(last.body)  # the upstream ignored "stream": true
+                if replay is not None:
+                    return replay
+            error = failure_in_stream(outcome, self.shared.config.retry, time.time() - started)
+            return dataclasses.replace(error, message=scrub(error.message, secrets))
+
+        await self._relay(flow, primary, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
+
+    async def _relay(
+        self,
+        flow: http.HTTPFlow,
+        target: Route,
+        status: int,
+        headers: list[tuple[str, str]],
+        outcome: asyncio.Future,
+        exchange: asyncio.Task | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Hand the flow to the relay, which sends status and headers, then the stream `outcome` resolves to."""
+        streaming = self.shared.config.streaming
+
+        def release() -> None:
+            for task in (outcome, exchange):
+                if task is not None:
+                    task.cancel()
+                # What finished just before the cancel may hold an open upstream stream that nobody will read.
+                live = _stream_left_in(task)
+                if live is not None:
+                    live.close()
+
+        def report(problem: ProxyError) -> None:
+            logger.warning(f"{flow.request.method} {target.url}: {problem.message} Ended the stream with an error event.")
+            record(flow)["stream_error"] = problem.code
+
+        body = client_stream(
+            outcome,
+            heartbeat_interval=streaming.heartbeat_interval,
+            idle_timeout=streaming.idle_timeout,
+            append_done=target.endpoint != "messages",  # Anthropic streams end with message_stop, not [DONE]
+            on_problem=report,
+        )
+        await self.shared.relay.serve(flow, RelayJob(status, headers, body, on_close=release), shown_url=target.url)
+
+    def _record(
+        self,
+        flow: http.HTTPFlow,
+        outcome: Outcome[UpstreamAttempt],
+        history: list[UpstreamAttempt],
+        started: float,
+        secrets: set[str],
+        proxy_made: bool,
+        status: int,
+    ) -> None:
+        """What happened, in the flow's record: for the flow notes, the models cache and people reading recordings."""
+        record(flow).update(
+            attempts=[_attempt_record(a, secrets) for a in history],
+            elapsed=round(time.time() - started, 3),
+            verdict=outcome.last.classification.verdict.value,
+            answered_by="seaking-proxy" if proxy_made else "upstream",
+            status=status,
+        )
+
+    def _log_retry(self, method: str, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]) -> None:
+        where = last.target.host if last.target else "upstream"
+        logger.info(
+            f"{method} {where}: attempt {number} of at most {self.shared.config.retry.max_attempts} failed: "
+            f"{scrub(last.classification.detail, secrets)}; retrying in {wait:.1f} s"
+        )
+
+
+def seaking_headers(outcome: Outcome[UpstreamAttempt]) -> dict[str, str]:
+    """Where an answer came from: attempts, the target's host (never its URL or key), the model."""
+    last = outcome.last
+    headers = {"x-seaking-attempts": str(outcome.attempts)}
+    if last.target is not None:
+        headers["x-seaking-target"] = last.target.host
+    if last.model:
+        headers["x-seaking-model"] = last.model
+    return headers
+
+
+def _attempt_record(attempt: UpstreamAttempt, secrets: set[str]) -> dict:
+    return {
+        "label": attempt.label,
+        "status": attempt.status,
+        "target": attempt.target.host if attempt.target else None,
+        "model": attempt.model,
+        "verdict": attempt.classification.verdict.value,
+        "detail": scrub(attempt.classification.detail, secrets),
+        "seconds": round(attempt.elapsed, 3),
+    }
+
+
+def _client_left(flow: http.HTTPFlow) -> bool:
+    # The client closed its side. HTTP allows a client to half-close after its request, but no LLM client does; one
+    # that closes while waiting for its answer has left (a browser tab closed, SillyTavern's Stop button).
+    return not flow.client_conn.state & ConnectionState.CAN_READ
+
+
+async def _while_client_waits(flow: http.HTTPFlow, task: asyncio.Task, timeout: float | None) -> bool:
+    """Wait for `task` for at most `timeout` seconds (None: no limit), but no longer than the client stays.
+    True when the task is done."""
+    loop = asyncio.get_running_loop()
+    until = None if timeout is None else loop.time() + timeout
+    while not task.done() and not _client_left(flow):
+        step = CLIENT_CHECK_SECONDS if until is None else min(CLIENT_CHECK_SECONDS, until - loop.time())
+        if step <= 0:
+            break
+        await asyncio.wait({task}, timeout=step)
+    return task.done()
+
+
+def _stream_left_in(task: asyncio.Future | None) -> LiveStream | None:
+    """The open upstream stream a finished task produced: the stream itself, or an exchange's (outcome, history)."""
+    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    result = task.result()
+    if isinstance(result, tuple):
+        result = result[0].last.stream
+    return result if isinstance(result, LiveStream) else None
+
+
+def _resolved(value) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

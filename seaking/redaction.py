@@ -1,0 +1,101 @@
+"""Keeping keys out of flows, logs and error messages.
+
+The client's credentials never stay on a flow: `Redaction` takes them off as soon as the request headers arrive and
+keeps them in memory for that flow's own exchange, so mitmweb, `-w` recordings and `flow_detail` logs show a
+placeholder. Upstreams sometimes echo the key they rejected, so error text is scrubbed too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mitmproxy import http
+
+from seaking.flows import is_client_flow
+
+REDACTED = "[redacted]"
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
+# Shorter strings are no secret worth scrubbing and would mangle ordinary text ("Bearer undefined" -> "undefined").
+_MIN_SECRET_LENGTH = 8
+
+
+def bearer_token(authorization: str) -> str:
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def client_secrets(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """Every credential the client sent: when the proxy holds no key, the client's key is the upstream key."""
+    found = set()
+    for name, value in headers:
+        if name.lower() in CREDENTIAL_HEADERS:
+            found.update({value.strip(), bearer_token(value)})
+    return {s for s in found if len(s) >= _MIN_SECRET_LENGTH and s.lower() != "undefined"}
+
+
+def redact_headers(headers: http.Headers) -> None:
+    for name in CREDENTIAL_HEADERS:
+        if name in headers:
+            values = headers.get_all(name)
+            headers.set_all(name, [_redacted_value(v) for v in values])
+
+
+def _redacted_value(value: str) -> str:
+    scheme, space, _ = value.partition(" ")
+    return f"{scheme} {REDACTED}" if space and scheme.lower() in ("bearer", "basic") else REDACTED
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def scrub_response(response: http.Response, secrets: Iterable[str]) -> None:
+    """Remove secrets from an error answer's body and reason phrase before it leaves the proxy."""
+    secrets = [s for s in secrets if s]
+    if not secrets:
+        return
+    body = response.get_content(strict=False) or b""
+    for secret in secrets:
+        body = body.replace(secret.encode(), REDACTED.encode())
+    response.content = body
+    response.reason = scrub(response.reason, secrets)
+
+
+class Redaction:
+    """mitmproxy addon: the client's credentials, off the flow and in process memory until the flow is over."""
+
+    name = "seaking.redaction"
+
+    def __init__(self) -> None:
+        self._kept: dict[str, list[tuple[str, str]]] = {}  # flow.id -> its credential headers, as sent
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if not is_client_flow(flow):
+            return
+        headers = flow.request.headers
+        kept = [(name, value) for name, value in headers.items(multi=True) if name.lower() in CREDENTIAL_HEADERS]
+        if kept:
+            self._kept[flow.id] = kept
+            redact_headers(headers)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._kept.pop(flow.id, None)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._kept.pop(flow.id, None)
+
+    def client_headers(self, flow: http.HTTPFlow) -> list[tuple[str, str]]:
+        """The flow's request headers with the credentials the client sent."""
+        kept: dict[str, list[str]] = {}
+        for name, value in self._kept.get(flow.id, ()):
+            kept.setdefault(name.lower(), []).append(value)
+        return [
+            (name, kept[name.lower()].pop(0) if kept.get(name.lower()) else value)
+            for name, value in flow.request.headers.items(multi=True)
+        ]
+
+    def client_secrets(self, flow: http.HTTPFlow) -> set[str]:
+        return client_secrets(self._kept.get(flow.id, ()))

@@ -1,0 +1,51 @@
+"""The shape users and contributors rely on: two modules at the top level, the rest in one package without import
+cycles, and every addon named seaking.* (mitmproxy's addon names and sys.path are shared with other scripts)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import addon
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "seaking"
+
+
+def test_only_the_entry_and_the_retry_policy_sit_at_the_top_level():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["addon.py", "retry_policy.py"]
+
+
+def imports_of(path: Path) -> set[str]:
+    """The project modules a module imports (seaking.x or retry_policy), as module names."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("seaking.") or name == "retry_policy"}
+
+
+def test_the_package_has_no_import_cycles():
+    graph = {f"seaking.{p.stem}": imports_of(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph["retry_policy"] = imports_of(ROOT / "retry_policy.py")
+    assert graph["retry_policy"] == set()  # pure: the package builds on it, never the other way round
+
+    def cycle_from(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        for imported in graph.get(module, ()):
+            found = cycle_from(imported, path + [module])
+            if found:
+                return found
+        return None
+
+    for module in graph:
+        assert cycle_from(module, []) is None
+
+
+def test_every_addon_of_the_pipeline_is_named_seaking_something():
+    names = [getattr(a, "name", None) for a in addon.pipeline()]
+    assert all(name and name.startswith("seaking.") for name in names), names
+    assert len(set(names)) == len(names)
