@@ -198,7 +198,10 @@ class Relay:
                 # cancelled at once, which closes the upstream response instead of reading it for nobody.
                 runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
                 await runner.setup()
-                site = web.TCPSite(runner, "127.0.0.1", 0)
+                # A burst of streams connects here all at once; a short listen queue (aiohttp's default is 128)
+                # overflows, and mitmproxy then answers "502 server closed connection". The kernel caps it at
+                # net.core.somaxconn.
+                site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
                 await site.start()
                 self._runner = runner
                 self.port = runner.addresses[0][1]

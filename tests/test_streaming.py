@@ -7,13 +7,15 @@ import asyncio
 import gc
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from conftest import CHAT
+from conftest import CHAT, call
 from fault_upstream import REPLY_TEXT, Delayed, Hang, Reset, Status, Stream
 
 STREAM_CHAT = {**CHAT, "stream": True}
@@ -388,3 +390,38 @@ async def test_many_parallel_streams_with_drops_all_end(proxy, upstream, client)
     assert len(broken) == 20 and all(r.errors[0]["code"] == "stream_interrupted" for r in broken)
     assert [r.text for r in complete] == ["".join(words)] * 40
     assert [r.text for r in broken] == ["".join(words[:3])] * 20
+
+
+async def test_a_burst_of_a_thousand_streams_is_relayed_without_a_closed_connection(mitmdump, tmp_path):
+    """Each stream opens its own connection to the relay at once: a short listen backlog there closed some of them
+    under a burst, and their clients got mitmproxy's HTML 502 "server closed connection" (in about one run of three
+    with aiohttp's default backlog). The upstream runs as a process of its own, so that the first events, and so the
+    relay connections, come as one burst."""
+    upstream = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "bench_upstream.py"), "--chunks", "20",
+        "--chunk-delay", "0.05", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(20):
+            upstream_url = "http://" + (await upstream.stdout.readline()).decode().split("listening at ")[1].strip()
+        config = tmp_path / "config.yaml"
+        config.write_text("health_check: {interval: 0}\n")
+        url = await mitmdump("--mode", f"reverse:{upstream_url}", "--set", f"seaking_config={config}").start()
+        timeout = aiohttp.ClientTimeout(total=120)
+        clients = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=timeout) for _ in range(1000)]
+        try:
+            # Connected first, as SillyTavern users are: then the requests, and so the relay connections, come at once.
+            await asyncio.gather(*(call(c, "POST", url + "/v1/chat/completions", json=CHAT) for c in clients))
+            reads = await asyncio.gather(*(read_stream(c, Url(url), timeout=120) for c in clients))
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+    finally:
+        upstream.kill()
+        await upstream.wait()
+    assert [(r.status, r.body[:300]) for r in reads if r.status != 200][:3] == []
+    assert all(r.ended_cleanly and r.data[-1:] == [b"[DONE]"] for r in reads)
+
+
+@dataclass
+class Url:
+    url: str
