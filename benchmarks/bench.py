@@ -1,66 +1,50 @@
 """What does it cost to reach an OpenAI-compatible upstream through seaking-proxy? Side by side, in one run.
 
-    /work/main/.venv/bin/python benchmarks/bench.py [--quick] [--out docs/benchmark.md] [--ways direct,seaking-proxy]
-                                                    [--addon other/checkout/addon.py]
+    .venv/bin/python benchmarks/bench.py [--quick] [--rounds N] [--out docs/benchmark.md]
+                                         [--ways direct,mitmdump-stream,seaking-proxy] [--addon other/addon.py]
 
---quick shrinks every run so the whole benchmark takes about a minute and a half (and skips the larger stream runs of
-a way whose streams all failed); without it, a few minutes. The markdown table is printed and written to --out together
-with a short summary and the raw results as JSON, and a PNG of the main figures beside it (--out's name, .png) when
-matplotlib can be had. Nothing is asserted: this measures, it does not test.
+Every way is started once and stays up; then the run goes round by round. In each round every scenario is measured
+for every way, the ways taking turns in an order that rotates from round to round, so that whatever else the machine
+does falls on all of them alike. Each figure is reported as the median of its rounds with the lowest and highest round
+beside it, and each ratio (seaking-proxy ÷ plain mitmdump, ...) is taken within a round, then the median of those.
+A difference whose rounds do not all lie on one side of the line it is compared with is called inside the noise.
+The load average before and after every round is recorded: a busy machine shows there. Nothing is asserted: this
+measures, it does not test. --quick runs 2 short rounds (about three minutes); the full run takes a while longer.
 
-Setup. Three kinds of process, so that none steals the others' CPU on a small machine: this one (the aiohttp load
-generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstream: one clean upstream for the whole run,
-and per way a fresh one answering a seeded 30 % of chat completions with 503, so each way meets the same faults), and
-the proxy under test, started per way and upstream as `... --listen-host 127.0.0.1 --listen-port 0`. Every way reaches
-the same upstream on loopback:
-  direct ............ the client talks to the upstream itself
-  mitmdump .......... plain `mitmdump --mode reverse:<upstream>`, no addon
-  mitmdump-stream ... the same with `--set stream_large_bodies=1`: plain mitmdump buffers whole responses, SSE included,
-                      so this is the baseline for what streaming through mitmproxy can cost
-  seaking-proxy ..... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default retry
-                      settings; only the /models cache file is moved to a temp directory)
-  litellm ........... the LiteLLM proxy (`litellm --config <temp yaml> --host 127.0.0.1 --port <free port>`, one
-                      uvicorn worker) as a plain OpenAI-compatible passthrough: every model name goes to openai/<name>
-                      at the upstream; 3 retries at least 1 s apart (LiteLLM's own back-off: 1, 1, 2 s plus up to
-                      0.75 s jitter each; 1.82.6 also sleeps ~4 s after the last failed attempt before it answers),
-                      30 s per attempt, the OpenAI SDK's own retries off. No database, no master key, no admin UI, no
-                      telemetry, no download of the model cost map. LiteLLM lives in a venv of its own
-                      (benchmarks/requirements.txt, pinned), built once at ~/.cache/seaking-proxy/litellm-venv before
-                      the clock starts; see benchmarks/litellm_way.py. If it cannot be installed or does not start,
-                      its column says why and the other ways are measured as usual.
-Another way is one more `Way` in all_ways(). Every client keeps its connection alive, and warms it up with one request
-before the measured ones. Every process started runs in a process group of its own, stopped as a group at the end.
+Setup. Separate processes, so that none steals the others' CPU on a small machine: this one (the aiohttp load
+generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstream), and the proxies under test, each
+`... --listen-host 127.0.0.1 --listen-port 0`. Every way reaches the same upstream on loopback:
+  direct ................ the client talks to the upstream itself
+  mitmdump .............. plain `mitmdump --mode reverse:<upstream>`, no addon (it buffers whole responses, SSE too)
+  mitmdump-stream ....... the same with `--set stream_large_bodies=1`: the floor for streaming through mitmproxy
+  seaking-proxy ......... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default
+                          retry settings; only the /models cache file is moved to a temp directory)
+  seaking-haproxy-1 ..... HAProxy (Debian's `haproxy`) on one port in front of one seaking-proxy process
+  seaking-haproxy-2 ..... the same in front of two seaking-proxy processes (the scale-out of README "Speed and cost")
+  litellm ............... the LiteLLM proxy (1.82.6 in its own venv: benchmarks/litellm_way.py) as a plain
+                          OpenAI-compatible passthrough with comparable retries; skipped with a note if it cannot be
+                          installed. Not run at 1,000 streams or in the prompt-size sweep (its 100-stream TTFT is
+                          already seconds).
+Every client keeps its connection alive and warms it up with one request before the measured ones. Every process
+runs in a process group of its own, stopped as a group at the end. The soft limit on open files is raised to the hard
+limit first (children inherit it): 1,000 streams hold four sockets each in a proxy.
 
-What the figures mean:
-  chat, N clients .......... non-streaming chat completions from N clients in a loop, each waiting for its answer:
-                             req/s (successful answers per second of wall time), p50/p99 latency (request sent ->
-                             whole body read).
-  stream, N streams ........ N clients each reading a streamed chat completion ("stream": true; the upstream sends
-                             20 chunks 50 ms apart, then a finish chunk and `data: [DONE]` at once):
-                             TTFT = request sent -> first `data:` line; TTFT overhead = this way's TTFT percentile
-                             minus direct's (a difference of two noisy numbers: a p99 can even come out negative);
-                             chunk gap = time between successive `data:` lines, pooled over all
-                             streams (direct: mean ~45 ms, p99 ~50 ms; a proxy that buffers the response shows a TTFT of
-                             the whole stream, ~1 s, and gaps near 0).
-  failed (clean upstream) .. requests and streams of the runs above that did not end in a 200 with a complete body.
-  proxy start-up ........... from starting the process until it says it is listening (LiteLLM: and answers its
-                             /health/liveliness with 200).
-  proxy RSS ................ resident memory of the proxy process when idle after start-up, and its peak during the
-                             100-stream run (VmHWM after resetting it, else the highest VmRSS sampled every 20 ms).
-  30 % 503 ................. 16 clients against the flaky upstream: success rate (200 with a body) and p50/p99
-                             latency of all answers. Direct shows ~70 %: that is what a client without retries sees.
-                             A retrying proxy's p99 is its back-off (config defaults); while clients wait for a retry
-                             the proxy is less loaded, so its p50 may even beat plain mitmdump's. seaking-proxy's
-                             default retry budget lets retries add only a share of the requests (retry_budget in
-                             config.py); a failure rate this high and this sustained spends it, and requests over
-                             budget get their 503 at once: that, not its retries giving up, is what keeps its success
-                             under 100 %.
-  Ratios ................... this way's figure ÷ direct's, and ÷ plain mitmdump's. Higher is better for req/s and
-                             success; lower for everything else.
+Scenarios (per round):
+  chat, N clients ............ non-streaming chat completions from N clients in a loop: req/s, p50/p99 latency
+  stream, N streams .......... N streams started at once (a burst); the upstream sends 20 chunks 50 ms apart:
+                               TTFT (request sent -> first `data:` line) p50/p99, chunk gap p99, peak RSS and open
+                               files of the proxy process(es)
+  stream, N spread over 1 s .. the same N streams, started evenly over one second, as real users arrive
+  stream, K KiB prompt ....... one stream at a time with a prompt of that size (a long SillyTavern context is
+                               hundreds of KiB): TTFT
+TTFT overhead = this way's TTFT minus direct's, within the round.
+After the rounds, once per way: 16 clients against an upstream that answers a seeded 30 % of attempts 503 (each way
+its own upstream, so each meets the same faults): success rate and latency. Direct shows ~70 %: what a client without
+retries sees. seaking-proxy's default retry budget (retry_budget in config.yaml) caps retries at a share of the
+requests, so under a failure this high and sustained some requests get their 503 at once: by design.
 
-Notes:
-  All processes share two cores, so the load generator and the upstream cap the direct figures, and the proxy's figures
-  include some contention. Compare ways within one run; do not compare runs on different machines.
+All processes share the machine's cores, so the load generator and the upstream cap the direct figures and the proxies'
+include some contention. Compare ways within one run; do not compare runs on different machines.
 """
 
 from __future__ import annotations
@@ -68,7 +52,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -76,14 +59,18 @@ import math
 import os
 import platform
 import re
+import resource
+import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -100,95 +87,62 @@ STREAM_CHUNKS = 20
 CHUNK_DELAY = 0.05
 FAIL_RATE = 0.3
 FAULT_CONCURRENCY = 16
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120)  # longer than any retry schedule of the default config
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=180)  # longer than any retry schedule of the default config
 
 CHAT_PATH = "/v1/chat/completions"
 HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench-not-a-real-key"}
-MESSAGES = [{"role": "user", "content": "Say hello."}]
-CHAT_BODY = json.dumps({"model": "model-a", "messages": MESSAGES}).encode()
-STREAM_BODY = json.dumps({"model": "model-a", "messages": MESSAGES, "stream": True}).encode()
 
 
-# --- the ways of reaching the upstream ---------------------------------------------------------------------------
+def chat_body(stream: bool, prompt_bytes: int = 0) -> bytes:
+    text = "Say hello." if not prompt_bytes else ("lorem ipsum " * (prompt_bytes // 12 + 1))[:prompt_bytes]
+    return json.dumps({"model": "model-a", "messages": [{"role": "user", "content": text}], "stream": stream}).encode()
+
+
+# --- scenarios -----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Way:
-    name: str
-    # argv of the proxy for this upstream URL, given a private temp directory; None: the client goes direct.
-    command: Callable[[str, Path], list[str]] | None = None
-    ready: re.Pattern = LISTENING  # its output says it accepts connections; group 1 is the port
-    # The proxy's whole environment; None: ours, less SEAKING_* (measure the config we wrote). A proxy with an
-    # environment of its own also runs in the private temp directory rather than in the repository.
-    env: Mapping[str, str] | None = None
-    start_timeout: float = 30  # seconds until `ready`, and `health` answering 200
-    health: str | None = None  # a path that answers 200 once the proxy serves requests, polled after `ready`
+class Scenario:
+    key: str
+    label: str
+    streaming: bool
+    clients: int  # at once (a burst), or in all (spread)
+    requests: int  # per client and round for chat; in all per round for streams
+    seconds: float = 0  # chat: measure at most this long per round
+    spread: float = 0  # streams: start them evenly over this many seconds (0: all at once)
+    prompt_bytes: int = 0
+    watch_memory: bool = False  # peak RSS and open files of the proxy during the run
+    only: tuple[str, ...] | None = None  # the ways it is run for (None: all)
+    skip: tuple[str, ...] = ()
 
 
-def seaking_command(addon: Path, upstream: str, workdir: Path) -> list[str]:
-    config = workdir / "seaking.yaml"
-    # Only the /models cache moves (the user's own cache stays untouched); retries keep their defaults.
-    config.write_text(f"models:\n  cache_file: {json.dumps(str(workdir / 'models.json'))}\n")
-    return [MITMDUMP, "-s", str(addon), "--mode", f"reverse:{upstream}", *LISTEN,
-            "--set", f"seaking_config={config}"]
+BUFFERS = ("mitmdump",)  # plain mitmdump buffers whole streams: its stream figures say nothing but that
+SLOW_AT_SCALE = ("litellm",)
 
 
-def litellm_way(python: Path) -> Way:
-    """The LiteLLM proxy in its own venv, whose python is `python` (see litellm_way.py)."""
-    return Way("litellm", functools.partial(litellm_way_module.command, python), ready=litellm_way_module.READY,
-               env=litellm_way_module.environment(), start_timeout=litellm_way_module.START_TIMEOUT,
-               health="/health/liveliness")
-
-
-def all_ways(addon: Path, litellm_python: Path) -> list[Way]:
-    return [
-        Way("direct"),
-        Way("mitmdump", lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN]),
-        Way("mitmdump-stream",
-            lambda upstream, _: [MITMDUMP, "--mode", f"reverse:{upstream}", *LISTEN, "--set", "stream_large_bodies=1"]),
-        Way("seaking-proxy", functools.partial(seaking_command, addon)),
-        litellm_way(litellm_python),
+def scenarios(quick: bool) -> list[Scenario]:
+    n = 1 if quick else 2  # waves per round of the smaller stream runs
+    found = [
+        Scenario("chat_1", "chat, 1 client", False, 1, 300 if quick else 600, seconds=1.0 if quick else 1.5),
+        Scenario("chat_16", "chat, 16 clients", False, 16, 60 if quick else 120, seconds=1.0 if quick else 2.0),
+        Scenario("stream_1", "stream, 1 stream", True, 1, 2 * n),
+        Scenario("stream_16", "stream, 16 streams", True, 16, 16 * n, skip=BUFFERS),
+        Scenario("stream_100", "stream, 100 streams", True, 100, 100, watch_memory=True, skip=BUFFERS),
+        Scenario("stream_100_spread", "stream, 100 spread over 1 s", True, 100, 100, spread=1.0, skip=BUFFERS),
+        Scenario("stream_1000", "stream, 1,000 streams", True, 1000, 1000, watch_memory=True,
+                 skip=BUFFERS + SLOW_AT_SCALE),
     ]
+    for kib in (1, 16, 256, 1024):
+        found.append(Scenario(f"prompt_{kib}k", f"stream, {kib:,} KiB prompt", True, 1, 2 * n,
+                              prompt_bytes=kib * 1024, skip=BUFFERS + SLOW_AT_SCALE))
+    return found
 
 
-WAY_NAMES = [w.name for w in all_ways(Path("addon.py"), Path("python"))]
-BASELINES = ("direct", "mitmdump")  # ratios are given against these ...
-COMPARISONS = (("seaking-proxy", "litellm"),)  # ... and these pairs too
+def applies(scenario: Scenario, way: str) -> bool:
+    return (scenario.only is None or way in scenario.only) and way not in scenario.skip
 
 
-# --- how much to measure -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Budget:
-    requests: int  # at most this many measured requests (or streams) in a run ...
-    seconds: float  # ... started within this many seconds; those in flight then still finish
-
-
-@dataclass(frozen=True)
-class Plan:
-    chat: dict[int, Budget]
-    stream: dict[int, Budget]
-    faults: Budget
-    # A way whose streams all fail may take its whole retry schedule per stream; the quick run does not wait for the
-    # larger stream runs to repeat the failure.
-    skip_streams_after_total_failure: bool = False
-
-
-FULL = Plan(
-    chat={1: Budget(2000, 4), 16: Budget(20000, 6)},
-    stream={1: Budget(8, 10), 16: Budget(64, 10), 100: Budget(300, 10)},
-    faults=Budget(1200, 15),
-)
-QUICK = Plan(
-    chat={1: Budget(300, 1), 16: Budget(2000, 1.5)},
-    stream={1: Budget(2, 5), 16: Budget(16, 5), 100: Budget(100, 5)},
-    faults=Budget(200, 2),
-    skip_streams_after_total_failure=True,
-)
-
-
-# --- processes ---------------------------------------------------------------------------------------------------
+# --- processes -----------------------------------------------------------------------------------------------------
 
 
 class Process:
@@ -206,6 +160,7 @@ class Process:
             cwd = workdir
         env = {**env, "PYTHONUNBUFFERED": "1"}  # the "listening at" line must reach the log at once
         self.started = time.perf_counter()
+        self.start_seconds: float | None = None
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -230,6 +185,19 @@ class Process:
             self.check_alive()
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.name} did not say it was listening within {timeout} s:\n{self.log_tail()}")
+
+    async def accepting(self, port: int, timeout: float = 15) -> None:
+        """Wait until it accepts connections on `port` (for a process that does not say so)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                self.start_seconds = time.perf_counter() - self.started
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not accept connections on {port} within {timeout} s:\n{self.log_tail()}")
 
     async def _healthy(self, url: str, deadline: float) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -264,10 +232,8 @@ class Process:
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGINT)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
         deadline = time.monotonic() + 2
         while self.group() and time.monotonic() < deadline:  # children may take a moment after their parent
             time.sleep(0.05)
@@ -301,21 +267,154 @@ async def upstream(fail_rate: float, workdir: Path, label: str) -> AsyncIterator
         process.stop()
 
 
+# --- the ways of reaching the upstream -----------------------------------------------------------------------------
+
+
+@dataclass
+class Reached:
+    base: str  # the URL the client talks to
+    processes: list[Process] = field(default_factory=list)  # the proxy's processes (memory is summed over them)
+
+    @property
+    def start_seconds(self) -> float | None:
+        times = [p.start_seconds for p in self.processes if p.start_seconds is not None]
+        return max(times) if times else None
+
+
+# A way: (upstream URL, private workdir, label) -> an async context manager giving what the client reaches.
+Starter = Callable[[str, Path, str], contextlib.AbstractAsyncContextManager[Reached]]
+
+
+@dataclass(frozen=True)
+class Way:
+    name: str
+    start: Starter
+
+
 @contextlib.asynccontextmanager
-async def reach(way: Way, target: str, workdir: Path, label: str) -> AsyncIterator[tuple[str, Process | None]]:
-    """The base URL through which `way` reaches the upstream at `target`, and the proxy process if there is one."""
-    if way.command is None:
-        yield target, None
-        return
-    process, port = await start(f"{way.name}-{label}", way.command(target, workdir), workdir, way.ready, way.env,
-                                way.start_timeout, way.health)
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        process.stop()
+async def direct(target: str, workdir: Path, label: str) -> AsyncIterator[Reached]:
+    yield Reached(target)
 
 
-# --- memory ------------------------------------------------------------------------------------------------------
+def mitmdump_way(*extra: str) -> Starter:
+    @contextlib.asynccontextmanager
+    async def run(target: str, workdir: Path, label: str) -> AsyncIterator[Reached]:
+        process, port = await start(label, [MITMDUMP, "--mode", f"reverse:{target}", *LISTEN, *extra], workdir)
+        try:
+            yield Reached(f"http://127.0.0.1:{port}", [process])
+        finally:
+            process.stop()
+
+    return run
+
+
+def seaking_config(workdir: Path) -> Path:
+    config = workdir / "seaking.yaml"
+    # Only the /models cache moves (the user's own cache stays untouched); retries keep their defaults. The processes
+    # behind HAProxy share this file, and so the cache, as users who scale out do.
+    config.write_text(f"models:\n  cache_file: {json.dumps(str(workdir / 'models.json'))}\n")
+    return config
+
+
+def seaking_way(addon: Path) -> Starter:
+    @contextlib.asynccontextmanager
+    async def run(target: str, workdir: Path, label: str) -> AsyncIterator[Reached]:
+        config = f"seaking_config={seaking_config(workdir)}"
+        async with mitmdump_way("-s", str(addon), "--set", config)(target, workdir, label) as reached:
+            yield reached
+
+    return run
+
+
+def seaking_processes(addon: Path, count: int) -> Starter:
+    """`count` seaking-proxy processes behind HAProxy on one port."""
+
+    @contextlib.asynccontextmanager
+    async def run(target: str, workdir: Path, label: str) -> AsyncIterator[Reached]:
+        config = seaking_config(workdir)
+        async with contextlib.AsyncExitStack() as stack:
+            started = []
+            for i in range(count):
+                argv = [MITMDUMP, "-s", str(addon), "--mode", f"reverse:{target}", *LISTEN,
+                        "--set", f"seaking_config={config}"]
+                process, port = await start(f"{label}-seaking{i + 1}", argv, workdir)
+                stack.callback(process.stop)
+                started.append((process, port))
+            port = free_port()
+            haproxy_cfg = workdir / f"{label}.cfg"
+            haproxy_cfg.write_text(haproxy_config(port, [port for _, port in started]))
+            haproxy = Process(f"{label}-haproxy", [shutil.which("haproxy") or "haproxy", "-db", "-f", str(haproxy_cfg)],
+                              workdir)
+            stack.callback(haproxy.stop)
+            await haproxy.accepting(port)
+            yield Reached(f"http://127.0.0.1:{port}", [p for p, _ in started] + [haproxy])
+
+    return run
+
+
+def haproxy_config(listen_port: int, ports: list[int]) -> str:
+    """The README's scale-out setup: HTTP mode, least connections (streams are long and uneven), chunks passed on at
+    once, no timeouts that an LLM call could hit (seaking-proxy has its own)."""
+    servers = "\n".join(f"    server seaking{i + 1} 127.0.0.1:{p}" for i, p in enumerate(ports))
+    return f"""global
+    maxconn 4096
+    log stdout format raw local0 notice
+
+defaults
+    mode http
+    option http-keep-alive
+    option http-no-delay  # pass each SSE chunk on at once (without it HAProxy may hold them back ~200 ms)
+    timeout connect 5s
+    timeout client 15m
+    timeout server 15m
+    timeout http-keep-alive 60s
+
+frontend seaking
+    bind 127.0.0.1:{listen_port}
+    default_backend seaking_processes
+
+backend seaking_processes
+    balance leastconn
+{servers}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def litellm_starter(python: Path) -> Starter:
+    @contextlib.asynccontextmanager
+    async def run(target: str, workdir: Path, label: str) -> AsyncIterator[Reached]:
+        process, port = await start(label, litellm_way_module.command(python, target, workdir), workdir,
+                                    litellm_way_module.READY, litellm_way_module.environment(),
+                                    litellm_way_module.START_TIMEOUT, "/health/liveliness")
+        try:
+            yield Reached(f"http://127.0.0.1:{port}", [process])
+        finally:
+            process.stop()
+
+    return run
+
+
+def all_ways(addon: Path, litellm_python: Path) -> list[Way]:
+    return [
+        Way("direct", direct),
+        Way("mitmdump", mitmdump_way()),
+        Way("mitmdump-stream", mitmdump_way("--set", "stream_large_bodies=1")),
+        Way("seaking-proxy", seaking_way(addon)),
+        Way("seaking-haproxy-1", seaking_processes(addon, 1)),
+        Way("seaking-haproxy-2", seaking_processes(addon, 2)),
+        Way("litellm", litellm_starter(litellm_python)),
+    ]
+
+
+WAY_NAMES = [w.name for w in all_ways(Path("addon.py"), Path("python"))]
+
+
+# --- memory and open files -----------------------------------------------------------------------------------------
 
 
 def status_kib(pid: int, field_name: str) -> int | None:
@@ -328,6 +427,13 @@ def status_kib(pid: int, field_name: str) -> int | None:
     return None
 
 
+def open_files(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Make VmHWM start again from the current RSS (Linux >= 4.0), so it shows this run's peak, not start-up's."""
     try:
@@ -338,27 +444,29 @@ def reset_peak_rss(pid: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def peak_rss(pid: int, into: dict) -> AsyncIterator[None]:
-    """Puts the process's peak resident memory during the block, in MiB, into into["peak_rss_mib"]."""
-    exact = reset_peak_rss(pid)
-    samples: list[int] = []
+async def watch_processes(pids: list[int], into: dict) -> AsyncIterator[None]:
+    """Peak resident memory (MiB, summed over the processes) and peak open files during the block, into `into`."""
+    exact = all(reset_peak_rss(pid) for pid in pids)
+    rss_samples: list[int] = []
+    fd_samples: list[int] = []
 
     async def sample() -> None:
         while True:
-            samples.append(status_kib(pid, "VmRSS") or 0)
-            await asyncio.sleep(0.02)
+            rss_samples.append(sum(status_kib(pid, "VmRSS") or 0 for pid in pids))
+            fd_samples.append(sum(open_files(pid) for pid in pids))
+            await asyncio.sleep(0.05)
 
     sampler = asyncio.create_task(sample())
     try:
         yield
     finally:
         sampler.cancel()
-        peak = status_kib(pid, "VmHWM") if exact else None
-        into["peak_rss_mib"] = round((peak or max(samples, default=0)) / 1024, 1)
-        into["peak_rss_source"] = "VmHWM" if peak else "sampled VmRSS"
+        peak = sum(status_kib(pid, "VmHWM") or 0 for pid in pids) if exact else 0
+        into["peak_rss_mib"] = round((peak or max(rss_samples, default=0)) / 1024, 1)
+        into["peak_open_files"] = max(fd_samples, default=0)
 
 
-# --- the load generator ------------------------------------------------------------------------------------------
+# --- the load generator --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -371,25 +479,25 @@ class Sample:
     detail: str | None = None  # the start of an error answer's body, for the raw results
 
 
-async def chat(session: aiohttp.ClientSession, base: str) -> Sample:
+async def chat(session: aiohttp.ClientSession, base: str, body: bytes) -> Sample:
     started = time.perf_counter()
     try:
-        async with session.post(base + CHAT_PATH, data=CHAT_BODY, headers=HEADERS) as response:
-            body = await response.read()
-            ok = response.status == 200 and b'"choices"' in body
+        async with session.post(base + CHAT_PATH, data=body, headers=HEADERS) as response:
+            answer = await response.read()
+            ok = response.status == 200 and b'"choices"' in answer
             error = None if ok else f"HTTP {response.status}"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        ok, error, body = False, type(e).__name__, b""
-    return Sample(ok, time.perf_counter() - started, error=error, detail=None if ok else excerpt(body))
+    except (TimeoutError, aiohttp.ClientError) as e:
+        ok, error, answer = False, type(e).__name__, b""
+    return Sample(ok, time.perf_counter() - started, error=error, detail=None if ok else excerpt(answer))
 
 
-async def stream(session: aiohttp.ClientSession, base: str) -> Sample:
+async def stream(session: aiohttp.ClientSession, base: str, body: bytes) -> Sample:
     started = time.perf_counter()
     arrivals: list[float] = []
     done = False
     error = detail = None
     try:
-        async with session.post(base + CHAT_PATH, data=STREAM_BODY, headers=HEADERS) as response:
+        async with session.post(base + CHAT_PATH, data=body, headers=HEADERS) as response:
             if response.status != 200:
                 detail = excerpt(await response.read())
                 error = f"HTTP {response.status}"
@@ -403,13 +511,13 @@ async def stream(session: aiohttp.ClientSession, base: str) -> Sample:
                             error, detail = "SSE error event", excerpt(line)
                 if not done and error is None:
                     error = "no [DONE]"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         error = type(e).__name__
     return Sample(
         ok=error is None,
         latency=time.perf_counter() - started,
         ttft=arrivals[0] - started if arrivals else None,
-        gaps=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+        gaps=[later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)],
         error=error,
         detail=detail,
     )
@@ -425,30 +533,41 @@ class Run:
     seconds: float  # wall time of the measured part
 
 
-async def run_clients(base: str, clients: int, budget: Budget, one: Callable[..., Awaitable[Sample]]) -> Run:
-    """`clients` clients, each on its own keep-alive connection, sending `one` request after another."""
-    sessions = [
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=CLIENT_TIMEOUT) for _ in range(clients)
-    ]
+async def run_scenario(base: str, scenario: Scenario) -> Run:
+    """Chat: `clients` clients in a loop, each on its own keep-alive connection. Streams: `requests` streams in waves
+    of `clients` at once, or spread evenly over `spread` seconds."""
+    count = scenario.clients
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=CLIENT_TIMEOUT)
+                for _ in range(count)]
+    body = chat_body(scenario.streaming, scenario.prompt_bytes)
+    one = stream if scenario.streaming else chat
     try:
         # Warm-up: connection set-up (client and proxy side) is not what a long-lived SillyTavern session pays.
-        await asyncio.gather(*(chat(s, base) for s in sessions))
+        await asyncio.gather(*(chat(s, base, chat_body(False)) for s in sessions))
         samples: list[Sample] = []
-        tickets = iter(range(budget.requests))
         started = time.perf_counter()
-        stop_at = started + budget.seconds
+        if not scenario.streaming:
+            stop_at = started + scenario.seconds
+            tickets = iter(range(scenario.requests * count))
 
-        async def client(session: aiohttp.ClientSession) -> None:
-            while time.perf_counter() < stop_at and next(tickets, None) is not None:
-                samples.append(await one(session, base))
+            async def client(session: aiohttp.ClientSession) -> None:
+                while time.perf_counter() < stop_at and next(tickets, None) is not None:
+                    samples.append(await one(session, base, body))
 
-        await asyncio.gather(*(client(s) for s in sessions))
+            await asyncio.gather(*(client(s) for s in sessions))
+        else:
+            async def delayed(i: int, session: aiohttp.ClientSession) -> Sample:
+                await asyncio.sleep(scenario.spread * i / count)
+                return await one(session, base, body)
+
+            for _ in range(max(1, scenario.requests // count)):  # waves
+                samples += await asyncio.gather(*(delayed(i, s) for i, s in enumerate(sessions)))
         return Run(samples, time.perf_counter() - started)
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
 
 
-# --- summaries ---------------------------------------------------------------------------------------------------
+# --- summaries -----------------------------------------------------------------------------------------------------
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -477,26 +596,21 @@ def errors_of(run: Run) -> dict[str, int | str]:
     return counts
 
 
-def summarise_chat(run: Run) -> dict:
-    ok = [s.latency for s in run.samples if s.ok]
-    return {
-        "requests": len(run.samples), "failed": len(run.samples) - len(ok), "errors": errors_of(run),
-        "seconds": round(run.seconds, 3), "rps": round(len(ok) / run.seconds, 1) if run.seconds else None,
-        "p50_ms": ms(percentile(ok, 50)), "p99_ms": ms(percentile(ok, 99)),
-    }
-
-
-def summarise_stream(run: Run) -> dict:
-    ttfts = [s.ttft for s in run.samples if s.ok and s.ttft is not None]
-    gaps = [g for s in run.samples if s.ok for g in s.gaps]
-    ok = len(ttfts)
-    return {
-        "streams": len(run.samples), "failed": len(run.samples) - ok, "errors": errors_of(run),
-        "seconds": round(run.seconds, 3),
-        "ttft_p50_ms": ms(percentile(ttfts, 50)), "ttft_p99_ms": ms(percentile(ttfts, 99)),
-        "gap_mean_ms": ms(sum(gaps) / len(gaps)) if gaps else None, "gap_p99_ms": ms(percentile(gaps, 99)),
-        "duration_p50_ms": ms(percentile([s.latency for s in run.samples if s.ok], 50)),
-    }
+def summarise(scenario: Scenario, run: Run) -> dict:
+    ok = [s for s in run.samples if s.ok]
+    summary = {"count": len(run.samples), "failed": len(run.samples) - len(ok), "seconds": round(run.seconds, 3)}
+    if run.samples and len(ok) < len(run.samples):
+        summary["errors"] = errors_of(run)
+    if not scenario.streaming:
+        latencies = [s.latency for s in ok]
+        summary.update(rps=round(len(ok) / run.seconds, 1) if run.seconds else None,
+                       p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)))
+    else:
+        ttfts = [s.ttft for s in ok if s.ttft is not None]
+        gaps = [g for s in ok for g in s.gaps]
+        summary.update(ttft_p50_ms=ms(percentile(ttfts, 50)), ttft_p99_ms=ms(percentile(ttfts, 99)),
+                       gap_p99_ms=ms(percentile(gaps, 99)))
+    return summary
 
 
 def summarise_faults(run: Run) -> dict:
@@ -509,115 +623,195 @@ def summarise_faults(run: Run) -> dict:
     }
 
 
-def add_ttft_overheads(results: dict[str, dict]) -> None:
-    """TTFT overhead is relative to direct, so it is computed once every way has run."""
-    direct = results.get("direct", {})
-    for measured in results.values():
+def add_overheads(round_results: dict[str, dict]) -> None:
+    """TTFT overhead over direct, within one round."""
+    direct_results = round_results.get("direct", {})
+    for measured in round_results.values():
         for key, summary in measured.items():
-            base = direct.get(key)
-            if not key.startswith("stream_") or not base:
-                continue
+            base = direct_results.get(key) or {}
             for q in ("p50", "p99"):
                 mine, theirs = summary.get(f"ttft_{q}_ms"), base.get(f"ttft_{q}_ms")
-                summary[f"ttft_overhead_{q}_ms"] = None if mine is None or theirs is None else round(mine - theirs, 2)
+                if mine is not None and theirs is not None:
+                    summary[f"ttft_overhead_{q}_ms"] = round(mine - theirs, 2)
 
 
-# --- one way, all runs -------------------------------------------------------------------------------------------
+# --- the run -------------------------------------------------------------------------------------------------------
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def measure_way(way: Way, clean: str, plan: Plan, workdir: Path) -> dict:
-    results: dict = {}
-    async with reach(way, clean, workdir, "clean") as (base, proxy):
-        if proxy:
-            await asyncio.sleep(0.5)  # let start-up settle before reading idle memory
-            results["memory"] = {"idle_rss_mib": round((status_kib(proxy.pid, "VmRSS") or 0) / 1024, 1)}
-            results["startup"] = {"seconds": round(proxy.start_seconds, 2)}
-        for clients, budget in plan.chat.items():
-            progress(f"  {way.name}: chat, {clients} client(s)")
-            results[f"chat_{clients}"] = summarise_chat(await run_clients(base, clients, budget, chat))
-        for clients, budget in plan.stream.items():
-            progress(f"  {way.name}: stream, {clients} stream(s)")
-            watch = peak_rss(proxy.pid, results["memory"]) if proxy and clients == max(plan.stream) else None
-            async with watch or contextlib.nullcontext():
-                run = await run_clients(base, clients, budget, stream)
-            summary = results[f"stream_{clients}"] = summarise_stream(run)
-            if plan.skip_streams_after_total_failure and summary["failed"] == summary["streams"]:
-                progress(f"  {way.name}: every stream failed; skipping the larger stream runs (--quick)")
-                break
-        if proxy:
-            proxy.check_alive()  # figures from a proxy that died half-way would only measure refused connections
-    # A fresh flaky upstream per way: its seeded faults then come in the same order for every way.
-    async with upstream(FAIL_RATE, workdir, f"flaky-{way.name}") as flaky:
-        async with reach(way, flaky, workdir, "flaky") as (base, _):
-            progress(f"  {way.name}: {FAIL_RATE:.0%} 503, {FAULT_CONCURRENCY} clients")
-            results["faults"] = summarise_faults(await run_clients(base, FAULT_CONCURRENCY, plan.faults, chat))
-    return results
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
-async def bench(ways: list[Way], plan: Plan, workdir: Path, skipped: dict[str, str]) -> dict[str, dict]:
-    """Every way's results; a way in `skipped` (name -> why) gets {"skipped": why} instead."""
-    results: dict[str, dict] = {}
-    async with upstream(0.0, workdir, "clean") as clean:
+async def bench(ways: list[Way], plan: list[Scenario], rounds: int, fault_requests: int, workdir: Path,
+                skipped: dict[str, str]) -> dict:
+    raw: dict = {"rounds": [], "startup": {}, "idle_rss_mib": {}, "faults": {}, "broken": {}}
+    reached: dict[str, Reached] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        clean = await stack.enter_async_context(upstream(0.0, workdir, "clean"))
         for way in ways:
             if way.name in skipped:
                 progress(f"{way.name}: skipped: {skipped[way.name]}")
-                results[way.name] = {"skipped": skipped[way.name]}
                 continue
-            progress(f"{way.name} ...")
+            progress(f"starting {way.name} ...")
             try:
-                results[way.name] = await measure_way(way, clean, plan, workdir)
+                reached[way.name] = await stack.enter_async_context(way.start(clean, workdir, way.name))
             except Exception as e:  # one broken way (the addon is being edited) must not cost the others' figures
-                progress(f"  {way.name} failed: {e}")
-                results[way.name] = {"broken": f"{type(e).__name__}: {e}"}
-    add_ttft_overheads(results)
-    return results
+                progress(f"  {way.name} failed to start: {e}")
+                raw["broken"][way.name] = f"{type(e).__name__}: {e}"
+        await asyncio.sleep(1)  # let start-up settle before reading idle memory
+        for name, where in reached.items():
+            raw["startup"][name] = where.start_seconds and round(where.start_seconds, 2)
+            if where.processes:
+                idle = sum(status_kib(p.pid, "VmRSS") or 0 for p in where.processes)
+                raw["idle_rss_mib"][name] = round(idle / 1024, 1)
+        names = list(reached)
+        for number in range(rounds):
+            this_round: dict = {"load_before": load_average(), "results": {name: {} for name in names}}
+            for scenario in plan:
+                order = names[number % len(names):] + names[:number % len(names)]
+                progress(f"round {number + 1}/{rounds}: {scenario.label}")
+                for name in order:
+                    if not applies(scenario, name) or name in raw["broken"]:
+                        continue
+                    where = reached[name]
+                    summary: dict = {}
+                    pids = [p.pid for p in where.processes]
+                    watch = watch_processes(pids, summary) if scenario.watch_memory and pids else None
+                    try:
+                        async with watch or contextlib.nullcontext():
+                            run = await run_scenario(where.base, scenario)
+                        for process in where.processes:
+                            process.check_alive()
+                    except Exception as e:
+                        progress(f"  {name} broke: {e}")
+                        raw["broken"][name] = f"{type(e).__name__}: {e}"
+                        continue
+                    this_round["results"][name][scenario.key] = {**summarise(scenario, run), **summary}
+            add_overheads(this_round["results"])
+            this_round["load_after"] = load_average()
+            raw["rounds"].append(this_round)
+    # Faults: one fresh flaky upstream per way, started after the rounds, so that each way meets the same faults.
+    for way in ways:
+        if way.name not in reached or way.name.startswith("seaking-haproxy") or way.name in raw["broken"]:
+            continue
+        faults = Scenario("faults", "faults", False, FAULT_CONCURRENCY, fault_requests // FAULT_CONCURRENCY, seconds=15)
+        async with contextlib.AsyncExitStack() as stack:
+            flaky = await stack.enter_async_context(upstream(FAIL_RATE, workdir, f"flaky-{way.name}"))
+            where = await stack.enter_async_context(way.start(flaky, workdir, f"{way.name}-flaky"))
+            progress(f"{way.name}: {FAIL_RATE:.0%} 503, {FAULT_CONCURRENCY} clients")
+            raw["faults"][way.name] = summarise_faults(await run_scenario(where.base, faults))
+    return raw
 
 
-# --- the report --------------------------------------------------------------------------------------------------
+# --- aggregation: medians of rounds, ratios within rounds ------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "rounds": len(values)}
+
+
+def per_round(raw: dict, way: str, scenario: str, key: str) -> list[float | None]:
+    return [(r["results"].get(way, {}).get(scenario) or {}).get(key) for r in raw["rounds"]]
+
+
+def aggregate(raw: dict, ways: list[str], plan: list[Scenario]) -> dict:
+    keys = ("rps", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms", "ttft_overhead_p50_ms", "ttft_overhead_p99_ms",
+            "gap_p99_ms", "peak_rss_mib", "peak_open_files", "failed")
+    result: dict = {}
+    for way in ways:
+        for scenario in plan:
+            for key in keys:
+                found = spread(per_round(raw, way, scenario.key, key))
+                if found:
+                    result.setdefault(way, {}).setdefault(scenario.key, {})[key] = found
+    return result
+
+
+def ratio_spread(raw: dict, way: str, base: str, scenario: str, key: str) -> dict | None:
+    """The ratio way ÷ base taken within each round, then its median and range."""
+    mine, theirs = per_round(raw, way, scenario, key), per_round(raw, base, scenario, key)
+    return spread([m / t for m, t in zip(mine, theirs, strict=True) if m is not None and t])
 
 
 @dataclass(frozen=True)
-class Figure:
+class Goal:
     label: str
-    run: str  # key in a way's results
-    key: str  # key in that run's summary
-    unit: str
+    scenario: str
+    key: str
+    base: str
+    limit: float
+    higher_is_better: bool = False
+
+    def verdict(self, found: dict | None) -> str:
+        if not found:
+            return "not measured"
+        worst, best = (found["min"], found["max"]) if self.higher_is_better else (found["max"], found["min"])
+        if self.holds(worst):
+            return "met"
+        return "inside the noise" if self.holds(best) else "missed"
+
+    def holds(self, ratio: float) -> bool:
+        return ratio >= self.limit if self.higher_is_better else ratio <= self.limit
 
 
-def figures(plan: Plan) -> list[Figure]:
-    rows: list[Figure] = []
-    for n in plan.chat:
-        rows += [Figure(f"chat, {n} client{'s' * (n > 1)}: throughput", f"chat_{n}", "rps", "req/s"),
-                 Figure(f"chat, {n} client{'s' * (n > 1)}: latency p50", f"chat_{n}", "p50_ms", "ms"),
-                 Figure(f"chat, {n} client{'s' * (n > 1)}: latency p99", f"chat_{n}", "p99_ms", "ms")]
-    for n in plan.stream:
-        name = f"stream, {n} stream{'s' * (n > 1)}"
-        rows += [Figure(f"{name}: TTFT p50", f"stream_{n}", "ttft_p50_ms", "ms"),
-                 Figure(f"{name}: TTFT p99", f"stream_{n}", "ttft_p99_ms", "ms"),
-                 Figure(f"{name}: TTFT overhead p50", f"stream_{n}", "ttft_overhead_p50_ms", "ms"),
-                 Figure(f"{name}: TTFT overhead p99", f"stream_{n}", "ttft_overhead_p99_ms", "ms"),
-                 Figure(f"{name}: chunk gap mean", f"stream_{n}", "gap_mean_ms", "ms"),
-                 Figure(f"{name}: chunk gap p99", f"stream_{n}", "gap_p99_ms", "ms")]
-    rows += [Figure("failed (clean upstream)", "clean", "failed", "count"),
-             Figure("proxy start-up, until it serves", "startup", "seconds", "s"),
-             Figure("proxy RSS, idle", "memory", "idle_rss_mib", "MiB"),
-             Figure(f"proxy RSS, peak during {max(plan.stream)} streams", "memory", "peak_rss_mib", "MiB"),
-             Figure(f"{FAIL_RATE:.0%} 503: success", "faults", "success_pct", "%"),
-             Figure(f"{FAIL_RATE:.0%} 503: latency p50", "faults", "p50_ms", "ms"),
-             Figure(f"{FAIL_RATE:.0%} 503: latency p99", "faults", "p99_ms", "ms")]
-    return rows
+GOALS = [
+    Goal("non-stream latency p50, 1 client, ÷ plain mitmdump", "chat_1", "p50_ms", "mitmdump", 1.2),
+    Goal("non-stream throughput, 16 clients, ÷ plain mitmdump", "chat_16", "rps", "mitmdump", 0.95, True),
+    Goal("stream TTFT overhead p50, 16 streams, ÷ mitmdump-stream", "stream_16", "ttft_overhead_p50_ms",
+         "mitmdump-stream", 1.2),
+    Goal("stream TTFT overhead p50, 100 streams, ÷ mitmdump-stream", "stream_100", "ttft_overhead_p50_ms",
+         "mitmdump-stream", 1.2),
+    Goal("peak RSS at 100 streams ÷ mitmdump-stream", "stream_100", "peak_rss_mib", "mitmdump-stream", 1.1),
+]
+# Further ratios worth a line in the report (no goal): (label, scenario, key, way, base).
+RATIOS = [
+    ("stream TTFT overhead p50, 100 spread over 1 s, ÷ mitmdump-stream", "stream_100_spread", "ttft_overhead_p50_ms",
+     "seaking-proxy", "mitmdump-stream"),
+    ("stream TTFT p50, 1,000 streams, ÷ mitmdump-stream", "stream_1000", "ttft_p50_ms", "seaking-proxy",
+     "mitmdump-stream"),
+    ("peak RSS at 1,000 streams ÷ mitmdump-stream", "stream_1000", "peak_rss_mib", "seaking-proxy", "mitmdump-stream"),
+    ("stream TTFT p50, 1 MiB prompt, ÷ mitmdump-stream", "prompt_1024k", "ttft_p50_ms", "seaking-proxy",
+     "mitmdump-stream"),
+    ("chat throughput, 16 clients: 2 processes ÷ 1 behind HAProxy", "chat_16", "rps", "seaking-haproxy-2",
+     "seaking-haproxy-1"),
+    ("stream TTFT p50, 100 streams: 2 processes ÷ 1 behind HAProxy", "stream_100", "ttft_p50_ms", "seaking-haproxy-2",
+     "seaking-haproxy-1"),
+    ("stream TTFT p50, 1,000 streams: 2 processes ÷ 1 behind HAProxy", "stream_1000", "ttft_p50_ms",
+     "seaking-haproxy-2", "seaking-haproxy-1"),
+    ("chat latency p50, 1 client: HAProxy + 1 process ÷ seaking-proxy alone", "chat_1", "p50_ms", "seaking-haproxy-1",
+     "seaking-proxy"),
+]
 
 
-def value(results: dict, way: str, figure: Figure) -> float | None:
-    measured = results.get(way, {})
-    if figure.run == "clean":  # failures over every clean-upstream run together
-        runs = [s for k, s in measured.items() if k.startswith(("chat_", "stream_"))]
-        return sum(s["failed"] for s in runs) if runs else None
-    return (measured.get(figure.run) or {}).get(figure.key)
+def ratios(raw: dict) -> dict:
+    found = {g.label: {**(ratio_spread(raw, "seaking-proxy", g.base, g.scenario, g.key) or {}), "goal": g.limit,
+                       "higher_is_better": g.higher_is_better} for g in GOALS}
+    for goal in GOALS:
+        measured = found[goal.label] if "median" in found[goal.label] else None
+        found[goal.label]["verdict"] = goal.verdict(measured)
+    for label, scenario, key, way, base in RATIOS:
+        found[label] = ratio_spread(raw, way, base, scenario, key) or {}
+    return found
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+
+
+FIGURES = [  # (label suffix, key, unit)
+    ("throughput", "rps", "req/s"), ("latency p50", "p50_ms", "ms"), ("latency p99", "p99_ms", "ms"),
+    ("TTFT p50", "ttft_p50_ms", "ms"), ("TTFT p99", "ttft_p99_ms", "ms"),
+    ("TTFT overhead p50", "ttft_overhead_p50_ms", "ms"), ("chunk gap p99", "gap_p99_ms", "ms"),
+    ("peak RSS", "peak_rss_mib", "MiB"), ("peak open files", "peak_open_files", "count"),
+    ("failed", "failed", "count"),
+]
 
 
 def fmt(number: float | None) -> str:
@@ -628,153 +822,74 @@ def fmt(number: float | None) -> str:
     return f"{number:.1f}" if abs(number) >= 10 else f"{number:.2f}"
 
 
-def ratio(mine: float | None, base: float | None) -> str:
-    if mine is None or base is None or base == 0:
+def cell(found: dict | None) -> str:
+    if not found:
         return "—"
-    quotient = mine / base
-    return f"{quotient:,.0f}" if quotient >= 100 else f"{quotient:.2f}"
+    if found["rounds"] == 1 or found["min"] == found["max"]:
+        return fmt(found["median"])
+    return f"{fmt(found['median'])} ({fmt(found['min'])}–{fmt(found['max'])})"
 
 
-def ratio_pairs(ways: list[str]) -> list[tuple[str, str]]:
-    pairs = [(w, b) for b in BASELINES if b in ways for w in ways if ways.index(w) > ways.index(b)]
-    return pairs + [(w, b) for w, b in COMPARISONS if w in ways and b in ways]
-
-
-def markdown_tables(results: dict, ways: list[str], plan: Plan) -> str:
-    rows = figures(plan)
-    pairs = ratio_pairs(ways)
-    lines = ["| figure | unit | " + " | ".join(ways) + " |", "|---|---|" + "---:|" * len(ways)]
-    for f in rows:
-        lines.append(f"| {f.label} | {f.unit} | " + " | ".join(fmt(value(results, w, f)) for w in ways) + " |")
-    lines += ["", "Ratios (this way's figure ÷ the baseline's):", ""]
-    lines.append("| figure | " + " | ".join(f"{w} ÷ {b}" for w, b in pairs) + " |")
-    lines.append("|---|" + "---:|" * len(pairs))
-    for f in rows:
-        cells = [ratio(value(results, w, f), value(results, b, f)) for w, b in pairs]
-        lines.append(f"| {f.label} | " + " | ".join(cells) + " |")
-    for w in ways:
-        if "broken" in results.get(w, {}):
-            lines += ["", f"**{w}** could not be measured:", "", "```text", results[w]["broken"], "```"]
-        if "skipped" in results.get(w, {}):
-            lines += ["", f"**{w}** was skipped:", "", "```text", results[w]["skipped"], "```"]
+def markdown_tables(agg: dict, found_ratios: dict, raw: dict, ways: list[str], plan: list[Scenario]) -> str:
+    lines = ["## Goals (issue 12): ratios within a round, median (lowest–highest round)", "",
+             "| figure | seaking-proxy | goal | verdict |", "|---|---:|---:|---|"]
+    for goal in GOALS:
+        found = found_ratios[goal.label]
+        sign = "≥" if goal.higher_is_better else "≤"
+        lines.append(f"| {goal.label} | {cell(found if 'median' in found else None)} | {sign} {goal.limit} | "
+                     f"{found['verdict']} |")
+    lines += ["", "| further ratio | median (lowest–highest round) |", "|---|---:|"]
+    for label, *_ in RATIOS:
+        found = found_ratios.get(label) or {}
+        lines.append(f"| {label} | {cell(found if 'median' in found else None)} |")
+    lines += ["", "## Every figure: median of the rounds (lowest–highest round)", "",
+              "| scenario | figure | unit | " + " | ".join(ways) + " |", "|---|---|---|" + "---:|" * len(ways)]
+    for scenario in plan:
+        for suffix, key, unit in FIGURES:
+            cells = [cell(agg.get(w, {}).get(scenario.key, {}).get(key)) for w in ways]
+            if all(c == "—" for c in cells) or (key == "failed" and all(c in ("0", "—") for c in cells)):
+                continue
+            lines.append(f"| {scenario.label} | {suffix} | {unit} | " + " | ".join(cells) + " |")
+    lines += ["", "## Once per way", "", "| figure | unit | " + " | ".join(ways) + " |",
+              "|---|---|" + "---:|" * len(ways)]
+    lines.append("| start-up, until it serves | s | " + " | ".join(fmt(raw["startup"].get(w)) for w in ways) + " |")
+    idle = [fmt(raw["idle_rss_mib"].get(w)) for w in ways]
+    lines.append("| RSS, idle after start-up | MiB | " + " | ".join(idle) + " |")
+    for suffix, key, unit in (("success", "success_pct", "%"), ("latency p50", "p50_ms", "ms"),
+                              ("latency p99", "p99_ms", "ms")):
+        lines.append(f"| {FAIL_RATE:.0%} 503: {suffix} | {unit} | "
+                     + " | ".join(fmt((raw["faults"].get(w) or {}).get(key)) for w in ways) + " |")
+    for w, why in raw.get("broken", {}).items():
+        lines += ["", f"**{w}** broke during the run (its figures are partial or missing):", "", "```text", why, "```"]
     return "\n".join(lines)
 
 
-# --- the summary at the top: the same few comparisons every run, worded from this run's figures ---------------------
+def summary(agg: dict, found_ratios: dict, raw: dict, ways: list[str]) -> list[str]:
+    """Plain lines from this run's figures; what is inside the noise is called so."""
+    def med(way: str, scenario: str, key: str) -> float | None:
+        return ((agg.get(way) or {}).get(scenario) or {}).get(key, {}).get("median")
 
-
-def summary(results: dict, ways: list[str], plan: Plan) -> list[str]:
-    """A few plain lines comparing seaking-proxy with plain mitmdump(-stream) and LiteLLM, losses included."""
-    sp = "seaking-proxy"
-    if sp not in ways or not any(k.startswith("chat_") for k in results.get(sp, {})):
-        return []
-
-    def get(way: str, run: str, key: str) -> float | None:
-        return value(results, way, Figure("", run, key, "")) if way in ways else None
-
-    names = {"mitmdump": "plain mitmdump", "mitmdump-stream": "mitmdump-stream", "litellm": "LiteLLM"}
-    others = {w: label for w, label in names.items() if get(w, f"chat_{min(plan.chat)}", "p50_ms") is not None}
-    streamers = {w: label for w, label in others.items() if w != "mitmdump"}
-
-    def listing(run: str, key: str, who: dict[str, str], unit: str = "") -> str:
-        """"plain mitmdump 2.69, LiteLLM 7.85" for the ways measured."""
-        return ", ".join(f"{label} {fmt(get(w, run, key))}{unit}" for w, label in who.items()
-                         if get(w, run, key) is not None)
-
-    def compared(mine: float | None, theirs: float | None) -> str:
-        if mine is None or not theirs:
-            return "?"
-        quotient = mine / theirs
-        return "about the same as" if 0.9 <= quotient <= 1.1 else "more than" if quotient > 1.1 else "less than"
-
-    big, small = max(plan.chat), min(plan.chat)
-    rps = get(sp, f"chat_{big}", "rps")
-    mitm = get("mitmdump", f"chat_{big}", "rps")
-    lines = [(
-        f"- **Non-streaming:** at {big} clients seaking-proxy answers {fmt(rps)} req/s, {compared(rps, mitm)} plain "
-        f"mitmdump ({listing(f'chat_{big}', 'rps', others)}; direct {fmt(get('direct', f'chat_{big}', 'rps'))}). "
-        f"A lone request's p50: {fmt(get(sp, f'chat_{small}', 'p50_ms'))} ms "
-        f"({listing(f'chat_{small}', 'p50_ms', others)})."
-    )]
-    ns = list(plan.stream)
-    across = "/".join(map(str, ns))
-
-    def overheads(way: str) -> str:
-        return "/".join(fmt(get(way, f"stream_{n}", "ttft_overhead_p50_ms")) for n in ns)
-
-    buffered = get("mitmdump", f"stream_{ns[0]}", "ttft_p50_ms")
-    lines.append(
-        "- **Streaming:** " + (f"plain mitmdump buffers whole streams (first token after {fmt(buffered)} ms). "
-                               if buffered else "")
-        + f"seaking-proxy streams, adding {overheads(sp)} ms p50 to the first token at {across} streams ("
-        + ", ".join(f"{label} {overheads(w)}" for w, label in streamers.items()) + "); "
-        f"chunk gap p99 at {ns[-1]} streams {fmt(get(sp, f'stream_{ns[-1]}', 'gap_p99_ms'))} ms ("
-        + listing(f"stream_{ns[-1]}", "gap_p99_ms", {**streamers, "direct": "direct"})
-        + f"; the upstream sends every {CHUNK_DELAY * 1000:.0f} ms).")
-    lines.append(
-        f"- **Memory, start-up:** peak RSS during {ns[-1]} streams {fmt(get(sp, 'memory', 'peak_rss_mib'))} MiB ("
-        + listing("memory", "peak_rss_mib", others) + f"); serving {fmt(get(sp, 'startup', 'seconds'))} s after "
-        "start (" + listing("startup", "seconds", others, " s") + ").")
-    fault = f"{FAIL_RATE:.0%} of attempts answered 503"
-    line = (f"- **{fault}:** seaking-proxy delivers {fmt(get(sp, 'faults', 'success_pct'))} % ("
-            + listing("faults", "success_pct", {"direct": "direct", **others}, " %")
-            + f"); p99 {fmt(get(sp, 'faults', 'p99_ms'))} ms, which is retry back-off ("
-            + listing("faults", "p99_ms", {w: label for w, label in others.items() if w == "litellm"}, " ms")
-            + ").").replace(" ()", "")
-    example = str((results.get(sp, {}).get("faults") or {}).get("errors", {}).get("example", ""))
-    if "budget" in example:
-        line += (" Its failures come from its default retry budget: with retries past their share of the requests, "
-                 "it answers the 503 at once instead of retrying.")
-    lines.append(line)
-    losses = where_it_loses(results, ways, plan)
-    if losses:
-        lines.append("- **Where seaking-proxy loses** (by over 10 %): " + "; ".join(losses) + ".")
-    missing = [w for w in ways if results.get(w, {}).keys() & {"skipped", "broken"}]
-    lines.append("- One run on a shared 2-core machine: compare ways within this run; small differences are noise."
-                 + (f" Not measured: {', '.join(missing)} (see below)." if missing else ""))
+    lines = []
+    for goal in GOALS:
+        found = found_ratios[goal.label]
+        if "median" in found:
+            lines.append(f"- {goal.label}: **{fmt(found['median'])}** (rounds {fmt(found['min'])}–{fmt(found['max'])};"
+                         f" goal {'≥' if goal.higher_is_better else '≤'} {goal.limit}): {found['verdict']}.")
+    scale = [label for label, *_ in RATIOS if "processes" in label and "median" in (found_ratios.get(label) or {})]
+    for label in scale:
+        found = found_ratios[label]
+        lines.append(f"- {label}: {cell(found)}.")
+    if med("seaking-proxy", "stream_1000", "ttft_p50_ms") is not None:
+        lines.append(f"- 1,000 streams at once: seaking-proxy TTFT p50 "
+                     f"{fmt(med('seaking-proxy', 'stream_1000', 'ttft_p50_ms'))} ms (mitmdump-stream "
+                     f"{fmt(med('mitmdump-stream', 'stream_1000', 'ttft_p50_ms'))}), peak RSS "
+                     f"{fmt(med('seaking-proxy', 'stream_1000', 'peak_rss_mib'))} MiB, peak open files "
+                     f"{fmt(med('seaking-proxy', 'stream_1000', 'peak_open_files'))}.")
+    loads = [r["load_before"] for r in raw["rounds"]] + [r["load_after"] for r in raw["rounds"]]
+    if loads:
+        lines.append(f"- Load average over the rounds {fmt(min(loads))}–{fmt(max(loads))} on {os.cpu_count()} CPUs. "
+                     "A verdict \"inside the noise\" means the rounds fell on both sides of the goal.")
     return lines
-
-
-def where_it_loses(results: dict, ways: list[str], plan: Plan, worst: int = 6) -> list[str]:
-    """The figures where seaking-proxy does worse than another proxy by more than 10 %, worst first (per figure,
-    only its worst comparison)."""
-    sp = "seaking-proxy"
-    fault = f"{FAIL_RATE:.0%} 503"
-    keys = [Figure(f"req/s at {n} client{'s' * (n > 1)}", f"chat_{n}", "rps", "req/s") for n in plan.chat]
-    keys += [Figure(f"latency p50 at {n} client{'s' * (n > 1)}", f"chat_{n}", "p50_ms", "ms") for n in plan.chat]
-    keys += [Figure(f"TTFT overhead p50 at {n} stream{'s' * (n > 1)}", f"stream_{n}", "ttft_overhead_p50_ms", "ms")
-             for n in plan.stream]
-    keys += [Figure(f"chunk gap p99 at {n} stream{'s' * (n > 1)}", f"stream_{n}", "gap_p99_ms", "ms")
-             for n in plan.stream]
-    keys += [Figure("peak RSS", "memory", "peak_rss_mib", "MiB"), Figure("start-up", "startup", "seconds", "s"),
-             Figure(f"success under {fault}", "faults", "success_pct", "%"),
-             Figure(f"p50 under {fault}", "faults", "p50_ms", "ms"),
-             Figure(f"p99 under {fault}", "faults", "p99_ms", "ms")]
-    higher_is_better = {"rps", "success_pct"}
-    worst_per_figure: dict[str, tuple[bool, float, str]] = {}
-    for other in ("mitmdump", "mitmdump-stream", "litellm"):
-        if other not in ways:
-            continue
-        for f in keys:
-            mine, theirs = value(results, sp, f), value(results, other, f)
-            if mine is None or theirs is None or theirs <= 0 or mine <= 0:
-                continue
-            if other.startswith("mitmdump") and f.run == "faults" and f.key != "success_pct":
-                continue  # a way that never retries answers a fault at once: its latency is no race
-            if other == "mitmdump" and f.run.startswith("stream_"):
-                continue  # plain mitmdump does not stream: its TTFT and gaps are no race
-            if f.run.startswith("stream_") and abs(mine - theirs) < 2:
-                continue  # a millisecond or two of streaming is noise
-            how_much = theirs / mine if f.key in higher_is_better else mine / theirs
-            text = f"{f.label}, vs {names_for_people.get(other, other)} ({fmt(mine)} vs {fmt(theirs)} {f.unit})"
-            if how_much > 1.1 and how_much > worst_per_figure.get(f.label, (False, 0.0, ""))[1]:
-                # Delivering fewer answers is what a reliability proxy exists to avoid: that loss comes first.
-                worst_per_figure[f.label] = (f.key == "success_pct", how_much, text)
-    found = sorted(worst_per_figure.values(), reverse=True)
-    return [text for *_, text in found[:worst]]
-
-
-names_for_people = {"mitmdump": "plain mitmdump", "litellm": "LiteLLM"}
 
 
 def git_revision() -> str:
@@ -788,76 +903,87 @@ def git_revision() -> str:
         return "unknown"
 
 
-def environment(quick: bool, litellm: dict) -> dict:
+def environment(quick: bool, rounds: int, litellm: dict) -> dict:
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         # Other work on the machine skews every figure; a load near 0 before the run means a quiet machine.
-        "load_average_before": round(os.getloadavg()[0], 2),
+        "load_average_before": load_average(),
         "revision": git_revision(),
         "mode": "quick" if quick else "full",
+        "rounds": rounds,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "mitmproxy": importlib.metadata.version("mitmproxy"),
         "aiohttp": aiohttp.__version__,
+        "haproxy": haproxy_version(),
         "litellm": litellm,
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "upstream": {"stream_chunks": STREAM_CHUNKS, "chunk_delay_s": CHUNK_DELAY, "fail_rate": FAIL_RATE},
     }
 
 
-def raw_results(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float) -> dict:
-    return {"environment": env, "plan": asdict(plan), "ways": ways, "results": results,
-            "run_seconds": round(seconds, 1)}
+def haproxy_version() -> str | None:
+    found = shutil.which("haproxy")
+    if not found:
+        return None
+    out = subprocess.run([found, "-v"], capture_output=True, text=True).stdout
+    return (out.split()[2] if out.startswith("HAProxy version") else out.splitlines()[0]) if out else None
 
 
-def report(results: dict, ways: list[str], plan: Plan, env: dict, seconds: float,
-           plot_note: str) -> tuple[str, str]:
-    """(table for the terminal, whole markdown document). plot_note: the markdown for the plot, or why there is none."""
-    tables = markdown_tables(results, ways, plan)
-    legend = __doc__.split("What the figures mean:\n", 1)[1]
-    raw = raw_results(results, ways, plan, env, seconds)
-    summary_lines = summary(results, ways, plan)
+def report(raw: dict, ways: list[str], plan: list[Scenario], plot_note: str) -> tuple[str, str]:
+    """(tables for the terminal, the whole markdown document)."""
+    env = raw["environment"]
+    tables = markdown_tables(raw["aggregate"], raw["ratios"], raw, ways, plan)
+    legend = __doc__.split("Setup.", 1)[1]
     litellm = env.get("litellm") or {}
-    versions = f"Python {env['python']}, mitmproxy {env['mitmproxy']}" + (
-        f", LiteLLM {litellm['version']}" if litellm.get("version") else "")
+    versions = (f"Python {env['python']}, mitmproxy {env['mitmproxy']}, aiohttp {env['aiohttp']}"
+                + (f", HAProxy {env['haproxy']}" if env.get("haproxy") else "")
+                + (f", LiteLLM {litellm['version']}" if litellm.get("version") else ""))
     document = "\n".join([
         "# seaking-proxy benchmark",
         "",
-        *summary_lines, *([""] if summary_lines else []),
-        (f"{env['date']}, revision {env['revision']}, {env['mode']} run ({seconds:.0f} s), {env['cpus']} CPUs "
-         f"(load average before: {env['load_average_before']}, after: {env.get('load_average_after', '?')}), "
-         f"{versions}."),
+        *summary(raw["aggregate"], raw["ratios"], raw, ways),
+        "",
+        (f"{env['date']}, revision {env['revision']}, {env['mode']} run of {env['rounds']} rounds "
+         f"({raw['run_seconds']:.0f} s), {env['cpus']} CPUs (load average before: {env['load_average_before']}, "
+         f"after: {env.get('load_average_after', '?')}), {versions}, open files limit {env['open_files_limit']}."),
         "Produced by `benchmarks/bench.py`" + (" --quick" if env["mode"] == "quick" else "") + "; setup and method in "
-        "its docstring. Upstream, proxy and load generator are separate processes on loopback.",
+        "its docstring (and below).",
         "",
         plot_note,
         "",
         tables,
         "",
-        "## What the figures mean",
+        "## Setup and method",
         "",
         "```text",
-        legend.rstrip(),
+        ("Setup." + legend).rstrip(),
         "```",
         "",
-        "## Raw results",
-        "",
-        "```json",
-        json.dumps(raw, indent=2),
-        "```",
+        "The raw results of every round are in the JSON file beside this one.",
         "",
     ])
     return tables, document
 
 
-# --- command line ------------------------------------------------------------------------------------------------
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts: the whole run takes under a minute")
+    parser.add_argument("--quick", action="store_true", help="2 short rounds, about three minutes")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 2 with --quick, else 5)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmark.md"), help="markdown report to write")
     parser.add_argument("--ways", default=",".join(WAY_NAMES),
                         help="comma-separated subset of: " + ", ".join(WAY_NAMES))
+    parser.add_argument("--scenarios", help="comma-separated subset of the scenario keys (default: all)")
     parser.add_argument("--addon", default=str(REPO / "addon.py"), help="seaking-proxy's addon.py (e.g. of another "
                         "checkout); default: this repository's")
     args = parser.parse_args()
@@ -865,11 +991,18 @@ def main() -> None:
     unknown = set(wanted) - set(WAY_NAMES)
     if unknown:
         parser.error(f"unknown way(s): {', '.join(sorted(unknown))}")
-    plan = QUICK if args.quick else FULL
+    plan = scenarios(args.quick)
+    if args.scenarios:
+        keys = args.scenarios.split(",")
+        if set(keys) - {s.key for s in plan}:
+            parser.error(f"unknown scenario(s); known: {', '.join(s.key for s in plan)}")
+        plan = [s for s in plan if s.key in keys]
+    rounds = args.rounds or (2 if args.quick else 5)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # Started with `&` from a script, SIGINT is ignored, and children would inherit that: SIGINT could not stop
         # them. Any handler here is reset to the default in a child.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise_open_files_limit()
 
     # LiteLLM's venv is built (or found) before the clock starts: installing it is no part of any way's figures.
     skipped: dict[str, str] = {}
@@ -882,32 +1015,40 @@ def main() -> None:
         except litellm_way_module.Unavailable as e:
             skipped["litellm"] = f"LiteLLM could not be installed into its venv: {e}"
             litellm["unavailable"] = skipped["litellm"]
+    if any(w.startswith("seaking-haproxy") for w in wanted) and not shutil.which("haproxy"):
+        for w in wanted:
+            if w.startswith("seaking-haproxy"):
+                skipped[w] = "haproxy is not installed (Debian: apt-get install haproxy)"
     ways = [w for w in all_ways(Path(args.addon).resolve(), litellm_python) if w.name in wanted]
 
-    env = environment(args.quick, litellm)
+    env = environment(args.quick, rounds, litellm)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="seaking-bench-") as workdir:
-        results = asyncio.run(bench(ways, plan, Path(workdir), skipped))
-    seconds = time.monotonic() - started
-    # The run's own processes load the machine too; an "after" far above what the run itself leaves (~1-2 on two
-    # cores) means something else was running meanwhile.
-    env["load_average_after"] = round(os.getloadavg()[0], 2)
+        raw = asyncio.run(bench(ways, plan, rounds, 400 if args.quick else 1600, Path(workdir), skipped))
+    raw["run_seconds"] = round(time.monotonic() - started, 1)
+    env["load_average_after"] = load_average()
+    names = [w.name for w in ways if w.name not in skipped]
+    raw.update(environment=env, ways=names, plan=[asdict(s) for s in plan], skipped=skipped)
+    raw["aggregate"] = aggregate(raw, names, plan)
+    raw["ratios"] = ratios(raw)
 
-    names = [w.name for w in ways]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot_note = draw_plot(raw_results(results, names, plan, env, seconds), png, litellm_python)
-    tables, document = report(results, names, plan, env, seconds, plot_note)
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))  # for `plot.py RAW.json OUT.png` or a closer look
+    plot_note = draw_plot(raw, out.with_suffix(".png"), litellm_python)
+    tables, document = report(raw, names, plan, plot_note)
     print(tables)
     out.write_text(document)
-    progress(f"\nwritten to {out} ({seconds:.0f} s); {plot_note}")
+    progress(f"\nwritten to {out} ({raw['run_seconds']:.0f} s); {plot_note}")
 
 
 def draw_plot(raw: dict, png: Path, litellm_python: Path) -> str:
     """Draws benchmarks/plot.py's PNG with whichever python has matplotlib: this one, or the LiteLLM venv's. The
     markdown that shows it, or a note saying why there is none (an old PNG is then removed: it would mislead)."""
-    if importlib.util.find_spec("matplotlib") is not None:
+    plotting = os.environ.get("SEAKING_PLOT_PYTHON")  # a python with matplotlib, when the LiteLLM venv is not built
+    if plotting:
+        python = Path(plotting)
+    elif importlib.util.find_spec("matplotlib") is not None:
         python = Path(sys.executable)
     elif litellm_python.exists() and litellm_way_module.has_matplotlib(litellm_python):
         python = litellm_python
@@ -928,7 +1069,7 @@ def draw_plot(raw: dict, png: Path, litellm_python: Path) -> str:
         png.unlink(missing_ok=True)
         why = "it took over 180 s" if done is None else " ".join(done.stderr.strip().splitlines()[-1:])
         return f"No plot: benchmarks/plot.py failed ({why})."
-    return f"![The main figures, one bar per way]({png.name})"
+    return f"![The main figures, one bar per way: medians of the rounds, lines from lowest to highest]({png.name})"
 
 
 if __name__ == "__main__":
