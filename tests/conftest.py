@@ -42,6 +42,10 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def is_attempt(flow) -> bool:
+    return "attempt_of" in flow.metadata.get("seaking", {})
+
+
 class FlowCollector:
     """Keeps every finished flow, as mitmweb would show it."""
 
@@ -66,7 +70,12 @@ class RunningProxy:
 
     @property
     def flows(self):
-        return self.collector.flows
+        """The client flows, as mitmweb lists them (without the attempt flows)."""
+        return [f for f in self.collector.flows if not is_attempt(f)]
+
+    @property
+    def attempt_flows(self):
+        return [f for f in self.collector.flows if is_attempt(f)]
 
     def addon(self, name: str):
         """One of the pipeline's addons, by its mitmproxy name without the "seaking." prefix."""
