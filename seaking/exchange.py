@@ -112,6 +112,8 @@ class Exchange:
         """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
         with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
 
+        record(flow)["heartbeats"] = True
+
         async def stream_or_error() -> LiveStream | bytes | ProxyError:
             outcome, history = await exchange
             last = outcome.last

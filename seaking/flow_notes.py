@@ -85,13 +85,13 @@ def describe_history(attempts: list[dict], total_seconds: float, ending: str | N
         for a in attempts
     ]
     noun = "attempt" if len(attempts) == 1 else "attempts"
-    history = ", ".join(_runs(labels))
+    history = ", ".join(counted_runs(labels))
     if ending:
         history += f" → {ending}"
     return f"{len(attempts)} {noun}: {history} in {total_seconds:.1f} s"
 
 
-def _runs(labels: list[str]) -> list[str]:
+def counted_runs(labels: list[str]) -> list[str]:
     """Runs of three or more of the same label, counted: ['503', '503', '503', '200'] -> ['503 ×3', '200']."""
     out = []
     for label, run in groupby(labels):

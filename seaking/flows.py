@@ -15,6 +15,7 @@ only, and never a key. Its fields, each set by one addon:
     answered_by    Exchange      "upstream" or "seaking-proxy"; ModelsCache: "models cache" or "models fallback"
     status         Exchange      the status the client got
     stream_error   Exchange      the error code a stream was ended with
+    heartbeats     Exchange      True when a stream was answered 200 with heartbeats before the upstream answered
 
 An attempt flow (one upstream attempt, shown beside its client's flow; attempt_flows.py) has its own record:
 
