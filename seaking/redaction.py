@@ -121,4 +121,5 @@ class Redaction:
 
     def missing_credentials(self, flow: http.HTTPFlow) -> list[str]:
         """Credential headers of the flow that hold only the placeholder: their key is not in this process."""
-        return [name for name, value in self.client_headers(flow) if name.lower() in CREDENTIAL_HEADERS and is_redacted(value)]
+        headers = self.client_headers(flow)
+        return [name for name, value in headers if name.lower() in CREDENTIAL_HEADERS and is_redacted(value)]

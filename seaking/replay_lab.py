@@ -101,7 +101,6 @@ class Outcome:
 @dataclass
 class Session:
     requests: list[RecordedRequest]
-    skipped: int = 0  # client flows that never went upstream (refused, status page)
     origins: list[str] = field(default_factory=list)  # scheme://host:port of every upstream, in order of first use
     target_names: dict[str, str] = field(default_factory=dict)  # origin -> the record's name for it (host[:port])
 
@@ -116,27 +115,22 @@ def read_recording(path: Path) -> Session:
     except exceptions.FlowReadException as e:
         raise RecordingUnusable(f"{path} is not a mitmproxy flow file: {e}") from None
     http_flows = [f for f in flows if isinstance(f, http.HTTPFlow)]
-    attempts: dict[str, list[http.HTTPFlow]] = {}
-    for flow in http_flows:
-        parent = flow.metadata.get(RECORD_KEY, {}).get("attempt_of")
-        if parent:
-            attempts.setdefault(parent, []).append(flow)
-    clients = [f for f in http_flows if "attempt_of" not in f.metadata.get(RECORD_KEY, {})]
-    exchanged = [f for f in clients if f.metadata.get(RECORD_KEY, {}).get("attempts")]
+    # Each client flow's record names its attempt flows: a flow replayed in mitmweb while recording is in the file
+    # twice, under one id, each time with attempt flows of its own.
+    attempt_flows = {f.id: f for f in http_flows if "attempt_of" in f.metadata.get(RECORD_KEY, {})}
+    exchanged = [f for f in http_flows if f.id not in attempt_flows and f.metadata.get(RECORD_KEY, {}).get("attempts")]
     if not exchanged:
         raise RecordingUnusable(
             f"{path} holds no flow that seaking-proxy sent upstream ({len(http_flows)} HTTP flows): record through "
             "the proxy, e.g. mitmweb -s addon.py -w session.mitm"
         )
-    session = Session([], skipped=len(clients) - len(exchanged))
+    session = Session([])
     for flow in sorted(exchanged, key=lambda f: f.request.timestamp_start):
-        own = sorted(attempts.get(flow.id, []), key=lambda f: f.metadata[RECORD_KEY]["attempt"])
-        expected = len(flow.metadata[RECORD_KEY]["attempts"])
-        if len(own) != expected:
+        own = [attempt_flows.get(a.get("flow")) for a in flow.metadata[RECORD_KEY]["attempts"]]
+        if None in own:
             raise RecordingUnusable(
-                f"{flow.request.method} {flow.request.path} made {expected} attempts but the recording holds "
-                f"{len(own)} attempt flows for it: record with attempt flows on (the default; "
-                "--set seaking_attempt_flows=true)"
+                f"{flow.request.method} {flow.request.path} made {len(own)} attempts but the recording does not hold "
+                "their attempt flows: record with attempt flows on (the default; --set seaking_attempt_flows=true)"
             )
         session.requests.append(RecordedRequest(flow, own))
         for attempt in own:

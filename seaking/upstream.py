@@ -266,9 +266,10 @@ class UpstreamClient:
                 )
         except _UPSTREAM_NETWORK_ERRORS as exc:
             return UpstreamAttempt(classify_exception(exc), time.monotonic() - started)
-        answered = {"responded_at": time.time()}
+        responded_at = time.time()
         if request.first_event_timeout is not None and 200 <= response.status < 300 and is_event_stream(response.content_type):
-            return dataclasses.replace(await self._first_event(request, response, started, deadline_at), **answered)
+            first_event = await self._first_event(request, response, started, deadline_at)
+            return dataclasses.replace(first_event, responded_at=responded_at)
         try:
             # The body may take long (a non-streaming completion is written at the end), but not past the deadline.
             async with asyncio.timeout(max(0.0, deadline_at - time.monotonic())):
@@ -276,7 +277,7 @@ class UpstreamClient:
         except _UPSTREAM_NETWORK_ERRORS as exc:
             return UpstreamAttempt(
                 classify_exception(exc), time.monotonic() - started, status=response.status, reason=response.reason or "",
-                raw_headers=list(response.raw_headers), **answered,
+                raw_headers=list(response.raw_headers), responded_at=responded_at,
             )
         finally:
             response.release()
@@ -290,7 +291,7 @@ class UpstreamClient:
             raw_headers=list(response.raw_headers),
             body=body,
             retry_after=retry_after_seconds(response.headers),
-            **answered,
+            responded_at=responded_at,
         )
 
     async def _first_event(
@@ -332,4 +333,3 @@ class UpstreamClient:
         target.record(ok=not failed, latency=time.monotonic() - started, error=f"health check: {result.detail}" if failed else None)
         if not failed:
             logger.debug(f"health check: {target.host} is up")
-
