@@ -25,6 +25,7 @@ Libraries (no hooks):
   answers.py ......... the client's answer once the exchange is over: passed on, or why the proxy gave up
   errors.py .......... ProxyError: OpenAI-format error JSON and SSE error events
   replay_lab.py ...... the replay lab (replay.py): a recorded session reproduced against mitmdump -S
+  lab_upstream.py .... LabFaults: the mitmdump -S script that plays each recorded attempt's timing and failure
 
 The classification and retry strategies are in retry_policy.py, beside addon.py.
 """
