@@ -14,6 +14,7 @@ from seaking.flow_notes import FlowNotes
 from seaking.guard import AccessGuard
 from seaking.health import HealthChecks
 from seaking.models_cache import ModelsCache
+from seaking.replays import Replays
 from seaking.settings import Settings
 from seaking.shared import Shared
 from seaking.status import StatusEndpoint
@@ -23,12 +24,14 @@ def pipeline() -> list:
     shared = Shared()
     return [
         Settings(shared),  # config.yaml into `shared`; mitmproxy options the proxy needs
-        shared.redaction,  # requestheaders: the client's keys off the flow, kept in memory for its exchange
+        Replays(shared),  # requestheaders: a replayed flow starts afresh; request: refused if its client's key is gone
+        shared.redaction,  # requestheaders: the client's keys off the flow, kept in memory for its exchange and replays
         AccessGuard(shared),  # requestheaders: access key, body size; request: the body is a JSON object
         StatusEndpoint(shared),  # request: GET /_seaking/status; the seaking.status command
         Exchange(shared),  # request: routing, attempts and retries upstream, the answer (streams: via the relay)
         ModelsCache(shared),  # request: keep good /models lists; answer from them when the upstream is down
         FlowNotes(),  # response, error: mark and comment for mitmweb, the attempt history in the log
+        shared.attempt_flows,  # response, error: each upstream attempt loaded as a flow of its own
         HealthChecks(shared),  # running .. done: background probes of targets that are down or unknown
         shared.relay,  # request: whole answers for flows bound to the relay; responseheaders: show the upstream
     ]

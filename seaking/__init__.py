@@ -3,12 +3,14 @@ where each thing happens. Each addon module holds one small mitmproxy addon clas
 
 Addons (mitmproxy hooks):
   settings.py ........ Settings: the seaking_config option, config.yaml into the shared state, connection_strategy
+  replays.py ......... Replays: mitmweb's Replay of a client flow starts afresh; refused if its client's key is gone
   redaction.py ....... Redaction: the client's keys off every flow from its first hook; scrubbing error text
   guard.py ........... AccessGuard: access key and body size before the body is read; the JSON body
   status.py .......... StatusEndpoint: GET /_seaking/status and the seaking.status command
   exchange.py ........ Exchange: a request routed, retried and answered (whole, or handed to the relay)
   models_cache.py .... ModelsCache: /models answered from the last good list when the upstream is down
   flow_notes.py ...... FlowNotes: the mark and the attempt history mitmweb shows for a flow
+  attempt_flows.py ... AttemptFlows: each upstream attempt as a flow of its own (mitmweb, -w recordings)
   health.py .......... HealthChecks: background probes of targets whose breaker is open
   relay.py ........... Relay: the loopback server mitmproxy streams answers from, and the flows bound to it
 
@@ -22,5 +24,8 @@ Libraries (no hooks):
   streaming.py ....... SSE: the first event, heartbeats, piping with the idle timeout, every stream ended cleanly
   answers.py ......... the client's answer once the exchange is over: passed on, or why the proxy gave up
   errors.py .......... ProxyError: OpenAI-format error JSON and SSE error events
+  replay_lab.py ...... the replay lab (replay.py): a recorded session reproduced against mitmdump -S
+  lab_upstream.py .... LabFaults: the mitmdump -S script that plays each recorded attempt's timing and failure
+
 The classification and retry strategies are in retry_policy.py, beside addon.py.
 """

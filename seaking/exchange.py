@@ -19,8 +19,9 @@ from mitmproxy.connection import ConnectionState
 
 from retry_policy import Outcome, Verdict
 from seaking.answers import failure_in_stream, final_answer, forwardable_headers
+from seaking.attempt_flows import attempt_summary, waits_before
 from seaking.errors import ProxyError
-from seaking.flows import is_answered, is_client_flow, record
+from seaking.flows import is_answered, is_client_flow, is_replay, record, show_upstream
 from seaking.redaction import scrub, scrub_response
 from seaking.relay import RelayJob
 from seaking.routing import Route, route
@@ -78,6 +79,7 @@ class Exchange:
                 ),
                 self.shared.failover,
                 on_retry=lambda last, number, wait: self._log_retry(request.method, last, number, wait, secrets),
+                on_attempt=lambda attempt: self.shared.attempt_flows.note(flow, attempt, secrets),
             )
         )
         heartbeat_after = config.streaming.heartbeat_interval if wants_stream else None
@@ -97,7 +99,7 @@ class Exchange:
             await self._relay(flow, answered_from, last.status, headers, _resolved(last.stream), reason=last.reason)
             return None
         # Show the true upstream in mitmweb and recordings.
-        flow.request.url = answered_from.url
+        show_upstream(flow, answered_from.url)
         answer = final_answer(outcome, config.retry, time.time() - started, started)
         answer.headers.update(seaking_headers(outcome))
         proxy_made = last.classification.verdict is Verdict.RETRY
@@ -109,6 +111,8 @@ class Exchange:
     ) -> None:
         """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
         with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
+
+        record(flow)["heartbeats"] = True
 
         async def stream_or_error() -> LiveStream | bytes | ProxyError:
             outcome, history = await exchange
@@ -172,7 +176,7 @@ class Exchange:
     ) -> None:
         """What happened, in the flow's record: for the flow notes, the models cache and people reading recordings."""
         record(flow).update(
-            attempts=[_attempt_record(a, secrets) for a in history],
+            attempts=[attempt_summary(a, secrets, wait) for a, wait in zip(history, waits_before(history))],
             elapsed=round(time.time() - started, 3),
             verdict=outcome.last.classification.verdict.value,
             answered_by="seaking-proxy" if proxy_made else "upstream",
@@ -198,22 +202,11 @@ def seaking_headers(outcome: Outcome[UpstreamAttempt]) -> dict[str, str]:
     return headers
 
 
-def _attempt_record(attempt: UpstreamAttempt, secrets: set[str]) -> dict:
-    return {
-        "label": attempt.label,
-        "status": attempt.status,
-        "target": attempt.target.host if attempt.target else None,
-        "model": attempt.model,
-        "verdict": attempt.classification.verdict.value,
-        "detail": scrub(attempt.classification.detail, secrets),
-        "seconds": round(attempt.elapsed, 3),
-    }
-
-
 def _client_left(flow: http.HTTPFlow) -> bool:
     # The client closed its side. HTTP allows a client to half-close after its request, but no LLM client does; one
     # that closes while waiting for its answer has left (a browser tab closed, SillyTavern's Stop button).
-    return not flow.client_conn.state & ConnectionState.CAN_READ
+    # A replay has no client connection to leave (its flow keeps the original one, long closed).
+    return not is_replay(flow) and not flow.client_conn.state & ConnectionState.CAN_READ
 
 
 async def _while_client_waits(flow: http.HTTPFlow, task: asyncio.Task, timeout: float | None) -> bool:

@@ -1,12 +1,14 @@
 """Keeping keys out of flows, logs and error messages.
 
 The client's credentials never stay on a flow: `Redaction` takes them off as soon as the request headers arrive and
-keeps them in memory for that flow's own exchange, so mitmweb, `-w` recordings and `flow_detail` logs show a
-placeholder. Upstreams sometimes echo the key they rejected, so error text is scrubbed too.
+keeps them in process memory, for that flow's own exchange and for a replay of it from mitmweb in the same process, so
+mitmweb, `-w` recordings and `flow_detail` logs show a placeholder. Upstreams sometimes echo the key they rejected, so
+error text is scrubbed too.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from mitmproxy import http
@@ -17,6 +19,8 @@ REDACTED = "[redacted]"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
 # Shorter strings are no secret worth scrubbing and would mangle ordinary text ("Bearer undefined" -> "undefined").
 _MIN_SECRET_LENGTH = 8
+# Keys are kept after their flow is over, so that mitmweb's Replay of it works; the oldest go first.
+KEPT_FLOWS = 10_000
 
 
 def bearer_token(authorization: str) -> str:
@@ -38,6 +42,16 @@ def redact_headers(headers: http.Headers) -> None:
         if name in headers:
             values = headers.get_all(name)
             headers.set_all(name, [_redacted_value(v) for v in values])
+
+
+def redacted(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A header list with its credentials replaced by the placeholder."""
+    return [(k, _redacted_value(v) if k.lower() in CREDENTIAL_HEADERS else v) for k, v in headers]
+
+
+def is_redacted(value: str) -> bool:
+    """A credential header value that is the placeholder, not a key (a flow from a recording, or replayed)."""
+    return value == _redacted_value(value)
 
 
 def _redacted_value(value: str) -> str:
@@ -65,27 +79,32 @@ def scrub_response(response: http.Response, secrets: Iterable[str]) -> None:
 
 
 class Redaction:
-    """mitmproxy addon: the client's credentials, off the flow and in process memory until the flow is over."""
+    """mitmproxy addon: the client's credentials, off the flow and in process memory only.
+
+    They stay there after the flow is over (for the last KEPT_FLOWS flows), so that mitmweb's Replay of a flow sends
+    the key its client sent. A replayed flow carries the placeholder, and keeps the key it had; a key typed into the
+    flow's headers in mitmweb before the replay replaces it."""
 
     name = "seaking.redaction"
 
     def __init__(self) -> None:
-        self._kept: dict[str, list[tuple[str, str]]] = {}  # flow.id -> its credential headers, as sent
+        self._kept: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()  # flow.id -> its credential headers
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not is_client_flow(flow):
             return
         headers = flow.request.headers
-        kept = [(name, value) for name, value in headers.items(multi=True) if name.lower() in CREDENTIAL_HEADERS]
-        if kept:
-            self._kept[flow.id] = kept
+        sent = [
+            (name, value)
+            for name, value in headers.items(multi=True)
+            if name.lower() in CREDENTIAL_HEADERS and not is_redacted(value)
+        ]
+        if sent:
+            self._kept[flow.id] = sent
+            self._kept.move_to_end(flow.id)
+            while len(self._kept) > KEPT_FLOWS:
+                self._kept.popitem(last=False)
             redact_headers(headers)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._kept.pop(flow.id, None)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._kept.pop(flow.id, None)
 
     def client_headers(self, flow: http.HTTPFlow) -> list[tuple[str, str]]:
         """The flow's request headers with the credentials the client sent."""
@@ -99,3 +118,8 @@ class Redaction:
 
     def client_secrets(self, flow: http.HTTPFlow) -> set[str]:
         return client_secrets(self._kept.get(flow.id, ()))
+
+    def missing_credentials(self, flow: http.HTTPFlow) -> list[str]:
+        """Credential headers of the flow that hold only the placeholder: their key is not in this process."""
+        headers = self.client_headers(flow)
+        return [name for name, value in headers if name.lower() in CREDENTIAL_HEADERS and is_redacted(value)]

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from mitmproxy import ctx, http
 
+from seaking.flows import show_upstream
+
 logger = logging.getLogger("seaking")
 
 # mitmproxy connects within milliseconds; a job still waiting after this was abandoned (the client left).
@@ -173,7 +175,7 @@ class Relay:
         binding = self._bindings.pop(flow.id, None)
         if binding is None:
             return
-        flow.request.url = binding.shown_url
+        show_upstream(flow, binding.shown_url)
         flow.request.headers.pop(TOKEN_HEADER, None)
         if not binding.streamed:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from seaking.attempt_flows import AttemptFlows
 from seaking.config import Config
 from seaking.models_cache import ModelListStore
 from seaking.redaction import Redaction
@@ -20,6 +21,7 @@ class Shared:
     # Parts that are addons themselves, and that other addons call.
     redaction: Redaction = field(default_factory=Redaction)
     relay: Relay = field(default_factory=Relay)
+    attempt_flows: AttemptFlows = field(default_factory=AttemptFlows)
     # The aiohttp session (connection pool) every upstream request goes through.
     upstream: UpstreamClient = field(default_factory=UpstreamClient)
 

@@ -121,9 +121,14 @@ class LiveStream:
     response: aiohttp.ClientResponse
     watcher: SseWatcher
     prefetched: bytes
+    received: bytearray | None = None  # when set, what is read after `prefetched` is kept here too (attempt flows)
 
     def close(self) -> None:
         self.response.close()  # closes the connection: the upstream stops generating for nobody
+
+    def keep(self, chunk: bytes) -> None:
+        if self.received is not None:
+            self.received += chunk
 
 
 async def read_first_event(response: aiohttp.ClientResponse, timeout: float) -> tuple[LiveStream | None, bytes, Classification]:
@@ -240,11 +245,13 @@ async def _pipe(
                     last_words = _received_before_the_drop(content)
                     if last_words:
                         live.watcher.feed(last_words)
+                        live.keep(last_words)
                         yield last_words
                 break
             if not chunk:
                 break
             live.watcher.feed(chunk)
+            live.keep(chunk)
             yield chunk
         if watchdog.fired:
             problem = ProxyError(

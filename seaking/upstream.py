@@ -30,6 +30,7 @@ from retry_policy import (
     run_with_retries,
     wait_unless,
 )
+from seaking.redaction import redacted
 from seaking.routing import route
 from seaking.streaming import LiveStream, is_event_stream, read_first_event
 from seaking.targets import Target, TargetPool
@@ -56,12 +57,22 @@ def upstream_headers(client_headers: Iterable[tuple[str, str]], api_key: str | N
     return headers
 
 
+@dataclass(frozen=True)
+class SentRequest:
+    """An attempt's request as it went upstream, credentials redacted: what its attempt flow shows."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
 @dataclass
 class UpstreamAttempt:
-    """One try: what came back (status, headers, body) or what went wrong instead."""
+    """One try: what was sent, what came back (status, headers, body) or what went wrong instead, and when."""
 
     classification: Classification
-    elapsed: float
+    elapsed: float  # seconds from sending to the verdict
     status: int | None = None
     reason: str = ""
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -70,6 +81,13 @@ class UpstreamAttempt:
     stream: LiveStream | None = None  # a streaming success: the open upstream response, to be relayed
     target: Target | None = None
     model: str | None = None  # the model asked for in this attempt (a fallback model, perhaps)
+    sent: SentRequest | None = None
+    started_at: float = 0.0  # epoch seconds
+    responded_at: float | None = None  # epoch seconds when the response headers came
+
+    @property
+    def ended_at(self) -> float:
+        return self.started_at + self.elapsed
 
     @property
     def label(self) -> str:
@@ -138,8 +156,10 @@ class UpstreamClient:
         request: UpstreamRequest,
         failover: Failover,
         on_retry: Callable[[UpstreamAttempt, int, float], None],
+        on_attempt: Callable[[UpstreamAttempt], None] = lambda attempt: None,
     ) -> tuple[Outcome[UpstreamAttempt], list[UpstreamAttempt]]:
-        """Send `request` until it gets an answer worth giving, or the policy gives up. Returns every attempt too.
+        """Send `request` until it gets an answer worth giving, or the policy gives up. Returns every attempt too
+        (each is also passed to `on_attempt` as soon as it is judged, so that none is lost if the exchange is cancelled).
 
         Attempts go round the healthy targets without waiting while one is left untried in the round; then back off.
         When a model's attempts are used up, or the upstream says the model is unavailable, its fallback is next.
@@ -153,7 +173,7 @@ class UpstreamClient:
             for index, model in enumerate(models):
                 another_model = index + 1 < len(models)
                 outcome = await self._try_model(
-                    policy, request, failover, model, another_model, deadline_at, history, on_retry
+                    policy, request, failover, model, another_model, deadline_at, history, on_retry, on_attempt
                 )
                 last = outcome.last
                 model_done = outcome.stopped is StopReason.ATTEMPTS or last.classification.model_unavailable
@@ -180,6 +200,7 @@ class UpstreamClient:
         deadline_at: float,
         history: list[UpstreamAttempt],
         on_retry: Callable[[UpstreamAttempt, int, float], None],
+        on_attempt: Callable[[UpstreamAttempt], None],
     ) -> Outcome[UpstreamAttempt]:
         """One model's attempts, round the targets, within what is left of the request's deadline."""
         body = request.body_for(model)
@@ -189,6 +210,7 @@ class UpstreamClient:
             target = route_plan.next_target()
             result = await self._attempt(policy, request, target, model, body, attempt_deadline)
             history.append(result)
+            on_attempt(result)
             return result
 
         return await run_with_retries(
@@ -219,26 +241,44 @@ class UpstreamClient:
     async def _send(
         self, policy: RetryPolicy, request: UpstreamRequest, target: Target, body: bytes, deadline_at: float
     ) -> UpstreamAttempt:
+        url = route(target.base_url, request.path).url
+        headers = upstream_headers(request.headers, target.api_key)
+        started_at = time.time()
+        attempt = await self._request(policy, request, url, headers, body, deadline_at)
+        attempt.sent = SentRequest(request.method, url, redacted(headers), body)
+        attempt.started_at = started_at
+        return attempt
+
+    async def _request(
+        self,
+        policy: RetryPolicy,
+        request: UpstreamRequest,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        deadline_at: float,
+    ) -> UpstreamAttempt:
         started = time.monotonic()
         try:
             async with asyncio.timeout(min(policy.per_try_timeout, deadline_at - started)):
                 response = await self.session().request(
-                    request.method,
-                    route(target.base_url, request.path).url,
-                    headers=upstream_headers(request.headers, target.api_key),
-                    data=body or None,
-                    allow_redirects=False,
+                    request.method, url, headers=headers, data=body or None, allow_redirects=False
                 )
         except _UPSTREAM_NETWORK_ERRORS as exc:
             return UpstreamAttempt(classify_exception(exc), time.monotonic() - started)
+        responded_at = time.time()
         if request.first_event_timeout is not None and 200 <= response.status < 300 and is_event_stream(response.content_type):
-            return await self._first_event(request, response, started, deadline_at)
+            first_event = await self._first_event(request, response, started, deadline_at)
+            return dataclasses.replace(first_event, responded_at=responded_at)
         try:
             # The body may take long (a non-streaming completion is written at the end), but not past the deadline.
             async with asyncio.timeout(max(0.0, deadline_at - time.monotonic())):
                 body = await response.read()
         except _UPSTREAM_NETWORK_ERRORS as exc:
-            return UpstreamAttempt(classify_exception(exc), time.monotonic() - started, status=response.status)
+            return UpstreamAttempt(
+                classify_exception(exc), time.monotonic() - started, status=response.status, reason=response.reason or "",
+                raw_headers=list(response.raw_headers), responded_at=responded_at,
+            )
         finally:
             response.release()
         return UpstreamAttempt(
@@ -251,6 +291,7 @@ class UpstreamClient:
             raw_headers=list(response.raw_headers),
             body=body,
             retry_after=retry_after_seconds(response.headers),
+            responded_at=responded_at,
         )
 
     async def _first_event(

@@ -25,6 +25,7 @@ from fault_upstream import FaultyUpstream
 ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
+PROXY_LISTENING = re.compile(r"listening at [^\s/]*:(\d+)")  # the proxy's line, not mitmweb's "at http://..."
 
 # Fast retries so that tests take milliseconds; tests that measure waits set their own.
 FAST_POLICY = {
@@ -40,6 +41,10 @@ def merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
+
+
+def is_attempt(flow) -> bool:
+    return "attempt_of" in flow.metadata.get("seaking", {})
 
 
 class FlowCollector:
@@ -66,7 +71,12 @@ class RunningProxy:
 
     @property
     def flows(self):
-        return self.collector.flows
+        """The client flows, as mitmweb lists them (without the attempt flows)."""
+        return [f for f in self.collector.flows if not is_attempt(f)]
+
+    @property
+    def attempt_flows(self):
+        return [f for f in self.collector.flows if is_attempt(f)]
 
     def addon(self, name: str):
         """One of the pipeline's addons, by its mitmproxy name without the "seaking." prefix."""
@@ -109,10 +119,13 @@ async def start_proxy(
 
 
 class Mitmdump:
-    """The command users run, `mitmdump -s addon.py ...`, as a subprocess listening on 127.0.0.1."""
+    """The command users run, `mitmdump -s addon.py ...` (or `mitmweb`: program), as a subprocess on 127.0.0.1."""
 
-    def __init__(self, *args: str, env: dict | None = None, cwd: Path | None = None, port: int = 0) -> None:
-        self.args = [str(MITMDUMP), "-s", str(ROOT / "addon.py"), "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
+    def __init__(
+        self, *args: str, env: dict | None = None, cwd: Path | None = None, port: int = 0, program: str = "mitmdump"
+    ) -> None:
+        executable = MITMDUMP.with_name(program)
+        self.args = [str(executable), "-s", str(ROOT / "addon.py"), "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.process: asyncio.subprocess.Process | None = None
@@ -131,7 +144,7 @@ class Mitmdump:
         # Read all along: a full pipe would block mitmdump.
         while line := await self.process.stdout.readline():
             self.output += line.decode()
-            if "listening at" in line.decode():
+            if PROXY_LISTENING.search(line.decode()):
                 self._listening.set()
 
     async def start(self) -> str:
@@ -143,7 +156,7 @@ class Mitmdump:
                 await asyncio.wait({self._reader, listening}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             listening.cancel()
-        if match := re.search(r"listening at .*:(\d+)", self.output):
+        if match := PROXY_LISTENING.search(self.output):
             return f"http://127.0.0.1:{match.group(1)}"
         await self.process.wait()
         raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.output}")

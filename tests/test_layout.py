@@ -1,5 +1,6 @@
-"""The shape users and contributors rely on: two modules at the top level, the rest in one package without import
-cycles, and every addon named seaking.* (mitmproxy's addon names and sys.path are shared with other scripts)."""
+"""The shape users and contributors rely on: the two entry points and the retry policy at the top level, the rest in
+one package without import cycles, and every addon named seaking.* (mitmproxy's addon names and sys.path are shared
+with other scripts)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "seaking"
 
 
-def test_only_the_entry_and_the_retry_policy_sit_at_the_top_level():
-    assert sorted(p.name for p in ROOT.glob("*.py")) == ["addon.py", "retry_policy.py"]
+def test_only_the_entries_and_the_retry_policy_sit_at_the_top_level():
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["addon.py", "replay.py", "retry_policy.py"]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -49,3 +50,9 @@ def test_every_addon_of_the_pipeline_is_named_seaking_something():
     names = [getattr(a, "name", None) for a in addon.pipeline()]
     assert all(name and name.startswith("seaking.") for name in names), names
     assert len(set(names)) == len(names)
+
+
+def test_the_replay_labs_upstream_addons_are_named_seaking_something_too():
+    from seaking import lab_upstream
+
+    assert all(a.name.startswith("seaking.") for a in lab_upstream.addons)

@@ -1,0 +1,91 @@
+"""Make docs/mitmweb.png: mitmweb with the addon, a retried request and its attempt flows, in headless Chromium.
+
+    python3 -m venv /tmp/pw && /tmp/pw/bin/pip install playwright aiohttp
+    /tmp/pw/bin/python docs/mitmweb_screenshot.py [--mitmweb .venv/bin/mitmweb]
+
+Uses Debian's chromium (/usr/bin/chromium), never a downloaded browser, and Debian's fonts-noto-color-emoji for the
+marks. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+from playwright.async_api import async_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fault_upstream import FaultyUpstream, Status, Stream  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+PASSWORD = "screenshot"
+COLUMNS = ["icon", "path", "method", "status", "size", "time", "comment"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def main(mitmweb: str, out: Path) -> None:
+    upstream = FaultyUpstream()
+    await upstream.start()
+    proxy_port, web_port = free_port(), free_port()
+    config = Path("/tmp/seaking-screenshot-config.yaml")
+    config.write_text("error_handling: {base_delay: 0.2, max_delay: 0.4}\nhealth_check: {interval: 0}\n")
+    process = await asyncio.create_subprocess_exec(
+        mitmweb, "-s", str(ROOT / "addon.py"), "--mode", f"reverse:{upstream.url}", "--listen-host", "127.0.0.1",
+        "--listen-port", str(proxy_port), "--no-web-open-browser", "--web-host", "127.0.0.1", "--web-port", str(web_port),
+        "--set", f"web_password={PASSWORD}", "--set", f"seaking_config={config}",
+        *[arg for column in COLUMNS for arg in ("--set", f"web_columns={column}")],
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(3)
+        proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        headers = {"Authorization": "Bearer sk-my-secret-key-123"}
+        chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
+        async with aiohttp.ClientSession() as client:
+            await (await client.get(f"http://127.0.0.1:{proxy_port}/v1/models", headers=headers)).read()
+            upstream.script("chat/completions", Status(503, headers={"Retry-After": "1"}), Status(502))
+            await (await client.post(proxy, json=chat, headers=headers)).read()
+            upstream.script("chat/completions", Stream(chunks=["Once", " upon", " a", " time"], delay=0.1, drop_after=2))
+            await (await client.post(proxy, json={**chat, "stream": True}, headers=headers)).read()
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = await browser.new_page(viewport={"width": 1920, "height": 720})
+            await page.goto(f"http://127.0.0.1:{web_port}/?token={PASSWORD}")
+            await page.wait_for_selector("text=3 attempts")
+            await page.click("text=attempt 1 of 3")  # the upstream's first answer: its 503 and Retry-After
+            await page.click("text=Response")
+            await page.add_style_tag(content=".col-comment { width: 620px !important; text-align: left !important; }")
+            splitter = await page.query_selector(".splitter")  # give the list the room its comments need
+            box = await splitter.bounding_box()
+            await page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 200)
+            await page.mouse.down()
+            await page.mouse.move(1300, box["y"] + 200, steps=10)
+            await page.mouse.up()
+            await page.wait_for_timeout(500)
+            await page.screenshot(path=str(out))
+            await browser.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 10)
+        await upstream.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mitmweb", default=str(ROOT / ".venv" / "bin" / "mitmweb"))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "mitmweb.png")
+    args = parser.parse_args()
+    asyncio.run(main(args.mitmweb, args.out))

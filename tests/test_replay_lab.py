@@ -1,0 +1,123 @@
+"""The replay lab, `python replay.py RECORDING [--config FILE]`, and the recorded SillyTavern sessions in tests/flows/
+(made by tests/record_flows.py), each replayed as the regression test it is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io as text_io
+import sys
+from pathlib import Path
+
+import pytest
+from mitmproxy import io
+from mitmproxy.test import tflow
+
+from seaking import replay_lab
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOWS = ROOT / "tests" / "flows"
+CONFIG = FLOWS / "config.yaml"
+RECORDINGS = sorted(FLOWS.glob("*.mitm"))
+REPLAY_TIMEOUT = 120
+
+
+async def run_replay(*args: str) -> tuple[int, str, str]:
+    """The command users run, as a subprocess: (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "replay.py"), *map(str, args),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(REPLAY_TIMEOUT):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return process.returncode, out.decode(), err.decode()
+
+
+def flows_of(path: Path) -> list:
+    with path.open("rb") as fh:
+        return list(io.FlowReader(fh).stream())
+
+
+def test_the_recorded_sessions_cover_what_users_hit():
+    names = {p.stem for p in RECORDINGS}
+    assert {"retry-503-twice", "retry-503-twice-stream", "mid-stream-drop", "unauthorized-401",
+            "models-outage-from-cache", "slow-upstream-heartbeats"} <= names
+
+
+@pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
+def test_a_recording_is_a_sillytavern_session_with_its_attempts_and_no_key(recording):
+    flows = flows_of(recording)
+    clients = [f for f in flows if "attempt_of" not in f.metadata["seaking"]]
+    attempts = [f for f in flows if "attempt_of" in f.metadata["seaking"]]
+    assert clients and all(f.request.headers["user-agent"] == "node-fetch" for f in clients)  # SillyTavern's server
+    assert len(attempts) == sum(len(f.metadata["seaking"]["attempts"]) for f in clients)
+    assert b"sk-st-recorded-session-key" not in recording.read_bytes()
+    assert all(f.request.headers["authorization"] == "Bearer [redacted]" for f in flows)
+
+
+@pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
+async def test_every_recorded_session_replays_as_it_was_recorded(recording):
+    status, out, err = await run_replay(recording, "--config", CONFIG)
+    assert status == 0, out + err
+    requests = len([f for f in flows_of(recording) if f.metadata["seaking"].get("attempts")])
+    assert f"{requests} of {requests} requests agree" in out
+
+
+async def test_what_the_lab_compares():
+    status, out, _ = await run_replay(FLOWS / "models-outage-from-cache.mitm", "--config", CONFIG)
+    assert status == 0
+    assert "recorded: 503 ×4 → 200 by models cache" in out and "replayed: 503 ×4 → 200 by models cache" in out
+    status, out, _ = await run_replay(FLOWS / "slow-upstream-heartbeats.mitm", "--config", CONFIG)
+    assert "replayed: 200 → 200 (heartbeats first)" in out
+    status, out, _ = await run_replay(FLOWS / "mid-stream-drop.mitm", "--config", CONFIG)
+    assert "replayed: 200 → 200, stream ended with stream_interrupted" in out
+
+
+async def test_a_different_outcome_exits_1_and_shows_both(tmp_path):
+    config = tmp_path / "fewer-retries.yaml"
+    config.write_text(CONFIG.read_text().replace("deadline: 20", "deadline: 20\n  max_retries: 1"))
+    status, out, _ = await run_replay(FLOWS / "retry-503-twice.mitm", "--config", config)
+    assert status == 1
+    assert "[DIFFER]" in out
+    assert "recorded: 503, 503, 200 → 200" in out
+    assert "replayed: 503, 503 → 503 by seaking-proxy" in out
+    assert "0 of 1 requests agree" in out
+
+
+def main_exit(*args) -> tuple[int, str]:
+    err = text_io.StringIO()
+    with contextlib.redirect_stderr(err):
+        return replay_lab.main([str(a) for a in args]), err.getvalue()
+
+
+def test_a_file_that_is_no_recording_exits_2_saying_why(tmp_path):
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("hello")
+    status, err = main_exit(garbage)
+    assert status == 2 and "is not a mitmproxy flow file" in err
+    status, err = main_exit(tmp_path / "missing.mitm")
+    assert status == 2 and "cannot read" in err
+
+
+def test_a_recording_not_made_through_the_proxy_exits_2(tmp_path):
+    plain = tmp_path / "plain.mitm"
+    with plain.open("wb") as fh:
+        io.FlowWriter(fh).add(tflow.tflow(resp=True))
+    status, err = main_exit(plain)
+    assert status == 2 and "holds no flow that seaking-proxy sent upstream" in err
+
+
+def test_a_recording_without_attempt_flows_exits_2(tmp_path):
+    without = tmp_path / "without-attempts.mitm"
+    with without.open("wb") as fh:
+        writer = io.FlowWriter(fh)
+        for flow in flows_of(FLOWS / "retry-503-twice.mitm"):
+            if "attempt_of" not in flow.metadata["seaking"]:
+                writer.add(flow)
+    status, err = main_exit(without)
+    assert status == 2 and "seaking_attempt_flows" in err
