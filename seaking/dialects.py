@@ -25,7 +25,8 @@ DONE = b"data: [DONE]\n\n"
 
 
 class Dialect:
-    name = ""
+    """One API's wire shapes; OPENAI and ANTHROPIC below are the two the proxy speaks."""
+
     # Sent while a committed stream waits for the upstream's first event. An SSE comment for both APIs: every SSE
     # parser drops it before any event handling (the openai and anthropic SDKs' decoders, SillyTavern's
     # EventSourceStream), and these heartbeats always come before the upstream's first event — for Anthropic, before
@@ -72,7 +73,6 @@ class Dialect:
 class OpenAIDialect(Dialect):
     """`{"error": {"message", "type", "code"}}`; a stream of `data:` events ends with `data: [DONE]`."""
 
-    name = "openai"
     end_of_stream = DONE
     complete_ending = "no [DONE] and no finish_reason"
     _TYPES = {
@@ -118,7 +118,6 @@ class AnthropicDialect(Dialect):
     nothing after it (no [DONE]); an error in a stream is `event: error`, which the anthropic SDK raises as
     APIStatusError and SillyTavern shows (a bare `data: {"error": ...}` line, OpenAI's way, the SDK drops unread)."""
 
-    name = "anthropic"
     complete_ending = "no message_stop"
     # Anthropic's error types by status; "new types may appear", and clients go by the status first.
     _TYPES = {

@@ -51,8 +51,8 @@ def upstream_headers(client_headers: Iterable[tuple[str, str]], api_key: str | N
     headers = [(k, v) for k, v in client_headers if k.lower() not in _NOT_SENT_UPSTREAM]
     if api_key:
         sent = {k.lower() for k, _ in headers}
-        # Anthropic's clients (its SDK, SillyTavern's Claude source) send x-api-key and no Authorization; Anthropic's
-        # API takes a key only there.
+        # Anthropic's way: x-api-key (or just anthropic-version) and no Authorization, as SillyTavern's Claude source
+        # and the anthropic SDK before 2.x send it; its API then looks for the key there.
         anthropic_style = "authorization" not in sent and bool(sent & {"x-api-key", "anthropic-version"})
         headers = [(k, v) for k, v in headers if k.lower() not in ("authorization", "x-api-key")]
         if not anthropic_style:
