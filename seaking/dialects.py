@@ -12,6 +12,7 @@ header (an Anthropic client listing /v1/models, say) is answered in Anthropic's 
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from collections.abc import Container
@@ -24,7 +25,7 @@ from seaking.routing import ANTHROPIC_ENDPOINTS
 DONE = b"data: [DONE]\n\n"
 
 
-class Dialect:
+class Dialect(abc.ABC):
     """One API's wire shapes; OPENAI and ANTHROPIC below are the two the proxy speaks."""
 
     # Sent while a committed stream waits for the upstream's first event. An SSE comment for both APIs: every SSE
@@ -36,27 +37,29 @@ class Dialect:
     end_of_stream = b""  # written after a stream's last event, the proxy's error event included
     complete_ending = ""  # for people: what a complete stream ends with
 
+    @abc.abstractmethod
     def error_document(self, error: ProxyError) -> dict:
-        raise NotImplementedError
+        """The JSON body of an error answer."""
 
+    @abc.abstractmethod
     def error_event(self, error: ProxyError) -> bytes:
-        raise NotImplementedError
+        """The SSE event that reports an error once a stream has begun."""
 
+    @abc.abstractmethod
     def is_end(self, payload: bytes) -> bool:
         """The data of a stream's last event."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def is_finish(self, payload: bytes) -> bool:
         """Data that says the reply is complete, even if the stream's own last event never comes."""
-        raise NotImplementedError
 
     def is_preamble(self, payload: bytes) -> bool:
         """Data of an event that carries no content yet, so that an error after it can still be retried."""
         return False
 
+    @abc.abstractmethod
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A whole (non-streaming) answer as the stream the client asked for; None if it is not one."""
-        raise NotImplementedError
 
     def error_response(self, error: ProxyError) -> http.Response:
         # Every error the proxy answers with is final: it has retried what was worth retrying, or retrying cannot
