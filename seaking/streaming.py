@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ class SseWatcher:
         self.api = api
         self._partial = b""  # an incomplete line
         self._event_open = False  # data lines seen since the last blank line
+        self.data_lines = 0
         self.content_started = False  # data that is content went by (not an error, not a preamble event)
         self.error_first: bytes | None = None  # the data of an error event that came before any content
         self.saw_done = False  # the stream's own last event: [DONE], message_stop
@@ -51,6 +53,7 @@ class SseWatcher:
         if not line.startswith(b"data:"):
             return  # comments (": keep-alive"), event:, id:, retry:
         self._event_open = True
+        self.data_lines += 1
         payload = line[5:].strip()
         if self.api.is_end(payload):
             self.saw_done = True
@@ -107,25 +110,38 @@ class LiveStream:
 
 
 async def read_first_event(
-    response: aiohttp.ClientResponse, timeout: float, api: Dialect
+    response: aiohttp.ClientResponse, silence: float, deadline_at: float, api: Dialect
 ) -> tuple[LiveStream | None, bytes, Classification]:
-    """Read until the first event with content (Anthropic's message_start and pings do not count), or an error before
-    it; judge it. A LiveStream comes back only when content came first: until then nothing need reach the client."""
+    """Read until the first event with content, or an error before it; judge it. A LiveStream comes back only when
+    content came first: until then nothing need reach the client, so whatever goes wrong can still be retried.
+
+    The upstream may take `silence` seconds for its first event, and as long again after each event without content
+    (Anthropic's message_start and pings: it is alive, reading a long prompt), but never past `deadline_at`
+    (time.monotonic()). An OpenAI stream has no such events: `silence` bounds the wait for its first event."""
     watcher = SseWatcher(api)
     prefetched = b""
+    window_start = time.monotonic()
+    window = min(silence, deadline_at - window_start)
     try:
-        async with asyncio.timeout(timeout):
-            while not (watcher.content_started or watcher.error_first):
+        while not (watcher.content_started or watcher.error_first):
+            async with asyncio.timeout(max(0.0, window_start + window - time.monotonic())):
                 chunk = await response.content.readany()
-                if not chunk:
-                    break
-                watcher.feed(chunk)
-                prefetched += chunk
+            if not chunk:
+                break
+            signs_of_life = watcher.data_lines
+            watcher.feed(chunk)
+            prefetched += chunk
+            if watcher.data_lines > signs_of_life:
+                window_start = time.monotonic()
+                window = min(silence, deadline_at - window_start)
     except TimeoutError:
         response.close()
-        return None, prefetched, Classification(
-            Verdict.RETRY, f"no first event from upstream within {timeout:g} s", Failure.TIMEOUT
+        window = max(0.0, window)
+        detail = (
+            f"no first event from upstream within {window:g} s" if watcher.data_lines == 0
+            else f"upstream went silent for {window:g} s before any content"
         )
+        return None, prefetched, Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
     except (aiohttp.ClientError, OSError):
         response.close()
         return None, prefetched, Classification(Verdict.RETRY, "upstream broke off the stream before its first event", Failure.NETWORK)

@@ -265,9 +265,10 @@ class UpstreamClient:
     ) -> UpstreamAttempt:
         """A streaming attempt succeeds only with a good first event: until then nothing has reached the client,
         so an error event, an empty stream or a silent upstream can still be retried."""
-        timeout = max(0.0, min(request.first_event_timeout, deadline_at - time.monotonic()))
         try:
-            live, prefetched, classification = await read_first_event(response, timeout, request.api)
+            live, prefetched, classification = await read_first_event(
+                response, request.first_event_timeout, deadline_at, request.api
+            )
         except BaseException:  # cancelled: the client left while we waited for the first event
             response.close()
             raise

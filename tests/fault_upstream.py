@@ -188,6 +188,8 @@ class MessageStream:
     no_stop: bool = False  # end after message_delta, without message_stop
     error_first: str | None = None  # after message_start (no content yet): an `event: error` with this message, the end
     error_after: int | None = None  # after this many text deltas: an `event: error` (overloaded_error), then the end
+    think: float = 0.0  # seconds between the preamble and the first text delta (a long prompt being read)
+    ping_every: float | None = None  # while thinking, a ping this often (None: silence)
 
     async def __call__(self, request, received) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", "request-id": "req_test"})
@@ -201,6 +203,13 @@ class MessageStream:
             return response
         await response.write(named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
         await response.write(named("ping", {"type": "ping"}))
+        thought = 0.0
+        while thought < self.think:
+            step = min(self.ping_every or self.think, self.think - thought)
+            await asyncio.sleep(step)
+            thought += step
+            if self.ping_every:
+                await response.write(named("ping", {"type": "ping"}))
         for index, text in enumerate(self.chunks):
             if index == self.drop_after:
                 request.transport.close()

@@ -328,6 +328,22 @@ async def test_failures_before_any_content_are_retried_and_the_retry_streams_liv
     assert len(upstream.received) == 3
 
 
+async def test_pings_before_content_keep_a_slow_prompt_alive_silence_is_retried(proxy_factory, upstream, client):
+    proxy = await proxy_factory({"streaming": {"first_event_timeout": 0.5}})
+    # A long prompt: message_start at once, then 1.2 s of pings before the first text. Not a silent upstream.
+    upstream.script("messages", MessageStream(think=1.2, ping_every=0.2))
+    read = await read_events(client, proxy)
+    assert (read.text, read.errors, len(upstream.received)) == (REPLY_TEXT, [], 1)
+    # The same wait in silence after message_start is an upstream that stopped: retried, nothing was sent yet.
+    upstream.script("messages", MessageStream(think=1.2))
+    read = await read_events(client, proxy)
+    assert (read.text, read.errors) == (REPLY_TEXT, [])
+    assert read.names.count("message_start") == 1
+    assert len(upstream.received) == 3
+    assert upstream.received[1].disconnected_at is not None  # the silent attempt was closed, not left open
+    assert proxy.flows[-1].metadata["seaking"]["attempts"][0]["detail"] == "upstream went silent for 0.5 s before any content"
+
+
 async def test_a_mid_stream_drop_ends_with_one_error_event(proxy, upstream, client):
     upstream.script("messages", MessageStream(chunks=["a", "b", "c", "d"], drop_after=2))
     read = await read_events(client, proxy)
