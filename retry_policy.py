@@ -54,7 +54,10 @@ class Classification:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    retry_codes: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+    # 529: Anthropic's "overloaded". 520-523: Cloudflare's origin errors (down, unreachable, refused, an empty or
+    # broken answer) in front of aggregators; not 524, which comes after 100 s of an origin still working on the
+    # request: a retry asks the same slow thing again, behind the same 100 s limit (README, "Claude").
+    retry_codes: frozenset[int] = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 523, 529})
     fail_codes: frozenset[int] = frozenset({400, 401, 403})
     max_retries: int = 3
     base_delay: float = 1.0
@@ -88,7 +91,7 @@ def classify_response(
         document = json.loads(body)
     except ValueError:
         return Classification(Verdict.RETRY, f"upstream answered {status} with a body that is not JSON", Failure.BROKEN)
-    if isinstance(document, dict) and document.get("error"):
+    if isinstance(document, dict) and (document.get("error") or document.get("type") == "error"):  # OpenAI's, Anthropic's
         return Classification(
             Verdict.RETRY,
             f"upstream answered {status} with an error: {error_message(document)}",

@@ -23,7 +23,8 @@ Libraries (no hooks):
   targets.py ......... circuit breakers, load balancing, the per-request order of targets
   streaming.py ....... SSE: the first event, heartbeats, piping with the idle timeout, every stream ended cleanly
   answers.py ......... the client's answer once the exchange is over: passed on, or why the proxy gave up
-  errors.py .......... ProxyError: OpenAI-format error JSON and SSE error events
+  errors.py .......... ProxyError: an error the proxy reports itself; reason phrases
+  dialects.py ........ OpenAI's and Anthropic's wire shapes: error documents, SSE error events, stream endings
   replay_lab.py ...... the replay lab (replay.py): a recorded session reproduced against mitmdump -S
   lab_upstream.py .... LabFaults: the mitmdump -S script that plays each recorded attempt's timing and failure
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import textwrap
 import time
 
 from mitmproxy import http
 
 from retry_policy import Failure, Outcome, RetryPolicy, StopReason, Verdict, error_message
+from seaking.dialects import Dialect
 from seaking.errors import ProxyError, reason_phrase
 from seaking.upstream import UpstreamAttempt
 
@@ -45,31 +48,46 @@ def upstream_response(
     return response
 
 
-def upstream_error_response(status: int, reason: str, raw_headers, body: bytes, started: float) -> http.Response:
-    """A fail-fast upstream error: its own status and message, wrapped into OpenAI's shape when it is not already.
+def upstream_error_response(
+    status: int, reason: str, raw_headers, body: bytes, started: float, api: Dialect
+) -> http.Response:
+    """A fail-fast upstream error: its own status, headers and message, the body wrapped into the API's error shape
+    when it is not an error document already. What the upstream said about retrying (x-should-retry, retry-after)
+    is passed on as it said it.
 
     The reason phrase carries the upstream's message so that SillyTavern users see why, not just "Unauthorized".
     """
-    if _is_openai_error(body):
-        response = upstream_response(status, reason, raw_headers, body, started)
-        message = upstream_error_text(body)
-    else:
-        message = upstream_error_text(body) or reason or f"HTTP {status}"
-        response = ProxyError(status, f"Upstream answered {status}: {message}", f"upstream_http_{status}").response()
+    response = upstream_response(status, reason, raw_headers, body, started)
+    message = upstream_error_text(body)
+    if not _is_error_document(body):
+        message = message or reason or f"HTTP {status}"
+        wrapped = ProxyError(status, f"Upstream answered {status}: {message}", f"upstream_http_{status}")
+        response.content = json.dumps(api.error_document(wrapped)).encode()
+        response.headers["content-type"] = "application/json"
     response.reason = reason_phrase(f"{reason or status}: {message}" if message != reason else message)
     return response
 
 
 def upstream_error_text(body: bytes, limit: int = 1000) -> str:
-    """The message in an upstream's error body: OpenAI's error.message, other common shapes, or the text itself."""
+    """The message in an upstream's error body: error.message (OpenAI's and Anthropic's), other common shapes, an
+    HTML page's title (Cloudflare's 52x pages, a gateway's 502), or the text itself."""
     try:
         document = json.loads(body)
     except ValueError:
-        return body.decode("utf-8", "replace").strip()[:limit]
+        text = body.decode("utf-8", "replace").strip()
+        title = _HTML_TITLE.search(text[:4000])
+        if title:
+            text = " ".join(html.unescape(title.group(1)).split())
+        return text[:limit]
     return error_message(document)[:limit] if isinstance(document, dict) else ""
 
 
-def _is_openai_error(body: bytes) -> bool:
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _is_error_document(body: bytes) -> bool:
+    """OpenAI's `{"error": {"message"}}` or Anthropic's `{"type": "error", "error": {"message"}}`: either API's
+    clients read error.message."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -80,15 +98,17 @@ def _is_openai_error(body: bytes) -> bool:
 # --- what the client gets when the exchange is over -------------------------------------------------------------------
 
 
-def final_answer(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float, started: float) -> http.Response:
+def final_answer(
+    outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float, started: float, api: Dialect
+) -> http.Response:
     """The answer to a request that nothing has been sent for yet."""
     last = outcome.last
     verdict = last.classification.verdict
     if verdict in (Verdict.SUCCESS, Verdict.PASS_THROUGH):
         return upstream_response(last.status, last.reason, last.raw_headers, last.body, started)
     if verdict is Verdict.FAIL_FAST:
-        return upstream_error_response(last.status, last.reason, last.raw_headers, last.body, started)
-    return gave_up(outcome, policy, elapsed).response()
+        return upstream_error_response(last.status, last.reason, last.raw_headers, last.body, started, api)
+    return api.error_response(gave_up(outcome, policy, elapsed))
 
 
 def failure_in_stream(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float) -> ProxyError:

@@ -49,7 +49,7 @@ class TargetProxySection:
 
 @dataclass(frozen=True)
 class ErrorHandlingSection:
-    retry_codes: tuple[int, ...] = (429, 500, 502, 503, 504)
+    retry_codes: tuple[int, ...] = (429, 500, 502, 503, 504, 520, 521, 522, 523, 529)
     fail_codes: tuple[int, ...] = (400, 401, 403)
     max_retries: int | None = field(default=None, metadata=_range(low=0))
     base_delay: float | None = field(default=None, metadata=_range(low=0))

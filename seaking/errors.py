@@ -1,30 +1,16 @@
-"""Errors the proxy makes itself: OpenAI-format JSON before anything was sent to the client, an SSE event after.
+"""Errors the proxy makes itself: what went wrong, with a fitting status. How one looks on the wire — OpenAI's or
+Anthropic's JSON before anything was sent to the client, an SSE error event after — is the API's (dialects.py).
 
-Every one is `{"error": {"message", "type", "code", ...}}` with a fitting status, and a short form of the message in
-the HTTP reason phrase: SillyTavern 1.19 shows only the reason phrase of a failed non-streaming call.
+The HTTP reason phrase carries a short form of the message: SillyTavern 1.19 shows only the reason phrase of a
+failed non-streaming Custom call.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
-from mitmproxy import http
-
-_TYPE_BY_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-}
 _REASON_LIMIT = 200
-
-
-def error_type_for(status: int) -> str:
-    return _TYPE_BY_STATUS.get(status, "api_error" if status < 500 else "upstream_error")
 
 
 def reason_phrase(text: str) -> str:
@@ -36,30 +22,17 @@ def reason_phrase(text: str) -> str:
 
 @dataclass(frozen=True)
 class ProxyError:
-    """An error the proxy reports itself: a JSON response before anything was sent, an SSE event after."""
+    """An error the proxy reports itself; dialects.py renders it as a JSON response or an SSE error event."""
 
     status: int
     message: str
     code: str
-    type: str | None = None  # default: from the status
+    type: str | None = None  # OpenAI's error type; default: from the status (Anthropic's always is)
     retry_after: int | None = None
     attempts: int | None = None
     short: str | None = None  # the reason phrase; default: the message
 
-    def document(self) -> dict:
-        error = {"message": self.message, "type": self.type or error_type_for(self.status), "code": self.code}
+    def extras(self) -> dict:
+        """The optional fields both error documents carry beside the message."""
         extra = {"retry_after": self.retry_after, "attempts": self.attempts}
-        error.update({k: v for k, v in extra.items() if v is not None})
-        return {"error": error}
-
-    def response(self) -> http.Response:
-        headers = {"content-type": "application/json"}
-        if self.retry_after is not None:
-            headers["retry-after"] = str(self.retry_after)
-        response = http.Response.make(self.status, json.dumps(self.document()).encode(), headers)
-        response.reason = reason_phrase(self.short or self.message)
-        return response
-
-    def sse_event(self) -> bytes:
-        """One `data: {"error": ...}` event: SillyTavern shows its message, the OpenAI SDK raises it as APIError."""
-        return b"data: " + json.dumps(self.document()).encode() + b"\n\n"
+        return {k: v for k, v in extra.items() if v is not None}

@@ -20,12 +20,13 @@ from mitmproxy.connection import ConnectionState
 from retry_policy import Outcome, Verdict
 from seaking.answers import failure_in_stream, final_answer, forwardable_headers
 from seaking.attempt_flows import attempt_summary, waits_before
+from seaking.dialects import Dialect, dialect_for
 from seaking.errors import ProxyError
 from seaking.flows import is_answered, is_client_flow, is_replay, record, show_upstream
 from seaking.redaction import scrub, scrub_response
 from seaking.relay import RelayJob
 from seaking.routing import Route, route
-from seaking.streaming import LiveStream, client_stream, completion_as_sse
+from seaking.streaming import LiveStream, client_stream
 from seaking.upstream import UpstreamAttempt, UpstreamRequest
 
 logger = logging.getLogger("seaking")
@@ -62,6 +63,7 @@ class Exchange:
         flow_record = record(flow)
         client_path = request.path
         primary = route(self.shared.failover.pool.targets[0].base_url, client_path)  # URLs come per attempt
+        api = dialect_for(primary.endpoint, request.headers)  # the shape of every error and stream ending we make
         flow_record.update(endpoint=primary.endpoint, client_path=client_path)
         wants_stream = flow_record.get("stream") is True
         started = time.time()
@@ -74,6 +76,7 @@ class Exchange:
                     headers=self.shared.redaction.client_headers(flow),
                     body=request.raw_content or b"",
                     expects_json=primary.endpoint is not None,
+                    api=api,
                     model=flow_record.get("model"),
                     first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
                 ),
@@ -88,7 +91,7 @@ class Exchange:
                 exchange.cancel()  # nobody to answer: stop spending upstream work on it
                 flow.kill()
                 return None
-            await self._stream_with_heartbeats(flow, primary, exchange, started, secrets)
+            await self._stream_with_heartbeats(flow, primary, api, exchange, started, secrets)
             return None
         outcome, history = await exchange
         last = outcome.last
@@ -96,18 +99,18 @@ class Exchange:
         if last.stream is not None:
             self._record(flow, outcome, history, started, secrets, proxy_made=False, status=last.status)
             headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
-            await self._relay(flow, answered_from, last.status, headers, _resolved(last.stream), reason=last.reason)
+            await self._relay(flow, answered_from, api, last.status, headers, _resolved(last.stream), reason=last.reason)
             return None
         # Show the true upstream in mitmweb and recordings.
         show_upstream(flow, answered_from.url)
-        answer = final_answer(outcome, config.retry, time.time() - started, started)
+        answer = final_answer(outcome, config.retry, time.time() - started, started, api)
         answer.headers.update(seaking_headers(outcome))
         proxy_made = last.classification.verdict is Verdict.RETRY
         self._record(flow, outcome, history, started, secrets, proxy_made, answer.status_code)
         return answer
 
     async def _stream_with_heartbeats(
-        self, flow: http.HTTPFlow, primary: Route, exchange: asyncio.Task, started: float, secrets: set[str]
+        self, flow: http.HTTPFlow, primary: Route, api: Dialect, exchange: asyncio.Task, started: float, secrets: set[str]
     ) -> None:
         """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
         with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
@@ -121,18 +124,19 @@ class Exchange:
             if last.stream is not None:
                 return last.stream
             if last.classification.verdict is Verdict.SUCCESS:
-                replay = completion_as_sse(last.body)  # the upstream ignored "stream": true
+                replay = api.whole_as_stream(last.body)  # the upstream ignored "stream": true
                 if replay is not None:
                     return replay
             error = failure_in_stream(outcome, self.shared.config.retry, time.time() - started)
             return dataclasses.replace(error, message=scrub(error.message, secrets))
 
-        await self._relay(flow, primary, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
+        await self._relay(flow, primary, api, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
 
     async def _relay(
         self,
         flow: http.HTTPFlow,
         target: Route,
+        api: Dialect,
         status: int,
         headers: list[tuple[str, str]],
         outcome: asyncio.Future,
@@ -159,7 +163,7 @@ class Exchange:
             outcome,
             heartbeat_interval=streaming.heartbeat_interval,
             idle_timeout=streaming.idle_timeout,
-            append_done=target.endpoint != "messages",  # Anthropic streams end with message_stop, not [DONE]
+            api=api,
             on_problem=report,
         )
         await self.shared.relay.serve(flow, RelayJob(status, headers, body, on_close=release), shown_url=target.url)

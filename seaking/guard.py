@@ -14,11 +14,12 @@ import json
 
 from mitmproxy import http
 
+from seaking.dialects import Dialect, dialect_for
 from seaking.errors import ProxyError
 from seaking.flows import is_answered, is_client_flow, is_replay, record
 from seaking.redaction import bearer_token
 from seaking.relay import RelayJob
-from seaking.routing import route
+from seaking.routing import endpoint_of, route
 
 
 class AccessGuard:
@@ -38,7 +39,7 @@ class AccessGuard:
             flow.request.headers.pop("expect", None)  # no "100 Continue": the client need not send the body at all
             flow.request.stream = _discard  # what it sends anyway is read and dropped, so that it can read the answer
             record(flow)["refused"] = refusal.code
-            await self.shared.relay.serve(flow, RelayJob.whole(refusal.response()))
+            await self.shared.relay.serve(flow, RelayJob.whole(_api(flow).error_response(refusal)))
         elif _length_undeclared(flow.request):
             flow.request.stream = CappedBody(self.shared.config.server.max_body_bytes, lambda: self._cut_off(flow))
             await self.shared.relay.bind(flow)
@@ -50,24 +51,27 @@ class AccessGuard:
             flow.request.raw_content = flow.request.stream.collected()
         problem = self._check_size(flow.request) or self._read_json_body(flow)
         if problem is not None:
-            flow.response = problem.response()
+            flow.response = _api(flow).error_response(problem)
 
     def _cut_off(self, flow: http.HTTPFlow) -> None:
         record(flow)["refused"] = "request_too_large"
-        self.shared.relay.serve_now(flow, RelayJob.whole(self._too_large().response()))
+        self.shared.relay.serve_now(flow, RelayJob.whole(_api(flow).error_response(self._too_large())))
 
     def _check_access(self, flow: http.HTTPFlow) -> ProxyError | None:
         access_key = self.shared.config.server.access_key
         if not access_key:
             return None
-        headers = self.shared.redaction.client_headers(flow)
-        token = bearer_token(next((v for k, v in headers if k.lower() == "authorization"), ""))
-        if hmac.compare_digest(token.encode(), access_key.encode()):
+        # As a Bearer token (OpenAI's clients), or as x-api-key (Anthropic's: SillyTavern's Claude source sends its
+        # proxy password only there).
+        offered = [bearer_token(v) if k.lower() == "authorization" else v.strip()
+                   for k, v in self.shared.redaction.client_headers(flow) if k.lower() in ("authorization", "x-api-key")]
+        if any(hmac.compare_digest(key.encode(), access_key.encode()) for key in offered):
             return None
         return ProxyError(
             401,
-            "seaking-proxy: missing or wrong access key. Send 'Authorization: Bearer <server.access_key>' "
-            "(in SillyTavern: the API key field of the Custom source).",
+            "seaking-proxy: missing or wrong access key. Send 'Authorization: Bearer <server.access_key>' or "
+            "'x-api-key: <server.access_key>' (in SillyTavern: the API key field of the Custom source, or the proxy "
+            "password of the Claude source).",
             "invalid_access_key",
             type="authentication_error",
             short="seaking-proxy: missing or wrong access key",
@@ -133,6 +137,11 @@ class CappedBody:
 
     def collected(self) -> bytes:
         return b"".join(self._chunks or ())
+
+
+def _api(flow: http.HTTPFlow) -> Dialect:
+    """The API the client speaks, for the shape of a refusal: known from the path and headers alone."""
+    return dialect_for(endpoint_of(flow.request.path), flow.request.headers)
 
 
 def _discard(chunk: bytes) -> list[bytes]:

@@ -2,27 +2,24 @@
 
 SillyTavern never ends its own reply when the upstream drops a stream after the headers, so the chat hangs until the
 user reloads. Here every way a stream can go wrong after the client got its first byte — a drop, a silence longer than
-idle_timeout, an end without `[DONE]` or a finish_reason — becomes exactly one `data: {"error": ...}` event, then
-`data: [DONE]`, then a clean end of the body.
+idle_timeout, an end without `[DONE]` or a finish_reason (Anthropic: without `message_stop`) — becomes exactly one
+error event in the request's API dialect (OpenAI: `data: {"error": ...}`, then `data: [DONE]`; Anthropic:
+`event: error` and nothing after it), then a clean end of the body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from seaking.errors import ProxyError
 from retry_policy import Classification, Failure, Verdict
-
-HEARTBEAT = b": keep-alive\n\n"
-DONE = b"data: [DONE]\n\n"
-# A finish marker in an event: OpenAI's non-null finish_reason, Anthropic's message_stop.
-_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|"type"\s*:\s*"message_stop"')
+from seaking.dialects import Dialect
+from seaking.errors import ProxyError
 
 
 def is_event_stream(content_type: str) -> bool:
@@ -32,12 +29,14 @@ def is_event_stream(content_type: str) -> bool:
 class SseWatcher:
     """Follows an SSE byte stream without changing it: which events went by, and where the stream stands."""
 
-    def __init__(self) -> None:
+    def __init__(self, api: Dialect) -> None:
+        self.api = api
         self._partial = b""  # an incomplete line
         self._event_open = False  # data lines seen since the last blank line
-        self.events = 0  # complete events that carried data
-        self.first_data: bytes | None = None
-        self.saw_done = False
+        self.data_lines = 0
+        self.content_started = False  # data that is content went by (not an error, not a preamble event)
+        self.error_first: bytes | None = None  # the data of an error event that came before any content
+        self.saw_done = False  # the stream's own last event: [DONE], message_stop
         self.saw_finish = False
         self.saw_error = False
 
@@ -49,22 +48,24 @@ class SseWatcher:
 
     def _line(self, line: bytes) -> None:
         if not line:
-            if self._event_open:
-                self.events += 1
-                self._event_open = False
+            self._event_open = False
             return
         if not line.startswith(b"data:"):
             return  # comments (": keep-alive"), event:, id:, retry:
         self._event_open = True
+        self.data_lines += 1
         payload = line[5:].strip()
-        if self.first_data is None:
-            self.first_data = payload
-        if payload == b"[DONE]":
+        if self.api.is_end(payload):
             self.saw_done = True
-        elif _FINISHED.search(payload):
+        elif self.api.is_finish(payload):
             self.saw_finish = True
-        if b'"error"' in payload and is_error_payload(payload):
-            self.saw_error = True
+        error = b'"error"' in payload and is_error_payload(payload)
+        self.saw_error |= error
+        if not self.content_started:
+            if error:
+                self.error_first = self.error_first or payload
+            elif not self.api.is_preamble(payload):
+                self.content_started = True
 
     def to_boundary(self) -> bytes:
         """What ends the current line and event, so that an appended event is read as an event of its own."""
@@ -72,38 +73,20 @@ class SseWatcher:
             return b"\n\n"
         return b"\n" if self._event_open else b""
 
-    def ending(self, problem: ProxyError | None, append_done: bool) -> tuple[bytes, ProxyError | None]:
+    def ending(self, problem: ProxyError | None) -> tuple[bytes, ProxyError | None]:
         """The bytes that close the stream cleanly, given how the upstream's part ended, and what went wrong if
         anything did (None for a complete reply)."""
+        api = self.api
         if self.saw_done:
             return b"", None
         if problem is None and self.saw_finish:
-            return (self.to_boundary() + DONE if append_done else b""), None
+            return self.to_boundary() + api.end_of_stream, None  # only OpenAI's finish comes before its end
         if problem is None:
             problem = ProxyError(
-                502,
-                "Upstream ended the stream before the reply was complete (no [DONE] and no finish_reason).",
-                "stream_incomplete",
+                502, f"Upstream ended the stream before the reply was complete ({api.complete_ending}).", "stream_incomplete"
             )
-        error_event = b"" if self.saw_error else problem.sse_event()  # never a second error after the upstream's own
-        return self.to_boundary() + error_event + DONE, problem
-
-
-def completion_as_sse(body: bytes) -> bytes | None:
-    """A non-streaming completion as the SSE stream the client asked for: some upstreams ignore "stream": true."""
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    choices = document.get("choices") if isinstance(document, dict) else None
-    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-        return None
-    streamed = []
-    for index, choice in enumerate(choices):
-        delta = {"delta": choice["message"]} if "message" in choice else {"text": choice.get("text", "")}
-        streamed.append({"index": choice.get("index", index), **delta, "finish_reason": choice.get("finish_reason") or "stop"})
-    event = {**document, "object": "chat.completion.chunk", "choices": streamed}
-    return b"data: " + json.dumps(event).encode() + b"\n\n" + DONE
+        error_event = b"" if self.saw_error else api.error_event(problem)  # never a second error after the upstream's own
+        return self.to_boundary() + error_event + api.end_of_stream, problem
 
 
 def is_error_payload(payload: bytes) -> bool:
@@ -131,33 +114,49 @@ class LiveStream:
             self.received += chunk
 
 
-async def read_first_event(response: aiohttp.ClientResponse, timeout: float) -> tuple[LiveStream | None, bytes, Classification]:
-    """Read until the first complete data event; judge it. A LiveStream comes back only for a good first event."""
-    watcher = SseWatcher()
+async def read_first_event(
+    response: aiohttp.ClientResponse, silence: float, deadline_at: float, api: Dialect
+) -> tuple[LiveStream | None, bytes, Classification]:
+    """Read until the first event with content, or an error before it; judge it. A LiveStream comes back only when
+    content came first: until then nothing need reach the client, so whatever goes wrong can still be retried.
+
+    The upstream may take `silence` seconds for its first event, and as long again after each event without content
+    (Anthropic's message_start and pings: it is alive, reading a long prompt), but never past `deadline_at`
+    (time.monotonic()). An OpenAI stream has no such events: `silence` bounds the wait for its first event."""
+    watcher = SseWatcher(api)
     prefetched = b""
+    window_start = time.monotonic()
+    window = min(silence, deadline_at - window_start)
     try:
-        async with asyncio.timeout(timeout):
-            while watcher.events == 0:
+        while not (watcher.content_started or watcher.error_first):
+            async with asyncio.timeout(max(0.0, window_start + window - time.monotonic())):
                 chunk = await response.content.readany()
-                if not chunk:
-                    break
-                watcher.feed(chunk)
-                prefetched += chunk
+            if not chunk:
+                break
+            signs_of_life = watcher.data_lines
+            watcher.feed(chunk)
+            prefetched += chunk
+            if watcher.data_lines > signs_of_life:
+                window_start = time.monotonic()
+                window = min(silence, deadline_at - window_start)
     except TimeoutError:
         response.close()
-        return None, prefetched, Classification(
-            Verdict.RETRY, f"no first event from upstream within {timeout:g} s", Failure.TIMEOUT
+        window = max(0.0, window)
+        detail = (
+            f"no first event from upstream within {window:g} s" if watcher.data_lines == 0
+            else f"upstream went silent for {window:g} s before any content"
         )
+        return None, prefetched, Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
     except (aiohttp.ClientError, OSError):
         response.close()
         return None, prefetched, Classification(Verdict.RETRY, "upstream broke off the stream before its first event", Failure.NETWORK)
-    if watcher.events == 0:
+    if watcher.error_first is not None:
+        response.close()
+        detail = f"upstream stream began with an error: {watcher.error_first.decode('utf-8', 'replace')[:300]}"
+        return None, prefetched, Classification(Verdict.RETRY, detail, Failure.BROKEN)
+    if not watcher.content_started:
         response.close()
         return None, prefetched, Classification(Verdict.RETRY, "upstream ended the stream before its first event", Failure.BROKEN)
-    if is_error_payload(watcher.first_data):
-        response.close()
-        detail = f"upstream stream began with an error: {watcher.first_data.decode('utf-8', 'replace')[:300]}"
-        return None, prefetched, Classification(Verdict.RETRY, detail, Failure.BROKEN)
     return LiveStream(response, watcher, prefetched), prefetched, Classification(Verdict.SUCCESS)
 
 
@@ -165,26 +164,27 @@ async def client_stream(
     outcome: asyncio.Future,
     heartbeat_interval: float,
     idle_timeout: float,
-    append_done: bool,
+    api: Dialect,
     on_problem: Callable[[ProxyError], None],
 ) -> AsyncIterator[bytes]:
     """The body the client receives once the proxy has committed to a streaming answer.
 
-    `outcome` resolves to a LiveStream to pipe, a complete SSE body, or the ProxyError to report. Until it does, the client gets an
-    SSE comment every heartbeat_interval, so that neither it nor anything between us closes an idle connection.
+    `outcome` resolves to a LiveStream to pipe, a complete SSE body, or the ProxyError to report. Until it does, the
+    client gets a heartbeat every heartbeat_interval, so that neither it nor anything between us closes an idle
+    connection.
     """
     while not outcome.done():
-        yield HEARTBEAT
+        yield api.heartbeat
         await asyncio.wait({outcome}, timeout=heartbeat_interval)
     result = outcome.result()
     if isinstance(result, ProxyError):
         on_problem(result)
-        yield result.sse_event() + DONE
+        yield api.error_event(result) + api.end_of_stream
         return
     if isinstance(result, bytes):  # a complete body, made from a non-streaming answer
         yield result
         return
-    async for chunk in _pipe(result, idle_timeout, append_done, on_problem):
+    async for chunk in _pipe(result, idle_timeout, on_problem):
         yield chunk
 
 
@@ -223,7 +223,7 @@ class IdleWatchdog:
 
 
 async def _pipe(
-    live: LiveStream, idle_timeout: float, append_done: bool, on_problem: Callable[[ProxyError], None]
+    live: LiveStream, idle_timeout: float, on_problem: Callable[[ProxyError], None]
 ) -> AsyncIterator[bytes]:
     problem = None
     watchdog = IdleWatchdog(live, idle_timeout)
@@ -258,7 +258,7 @@ async def _pipe(
                 504, f"Upstream sent nothing for {idle_timeout:g} s in the middle of the stream; the reply is incomplete.",
                 "stream_idle_timeout",
             )
-        tail, problem = live.watcher.ending(problem, append_done)
+        tail, problem = live.watcher.ending(problem)
         if problem is not None:
             on_problem(problem)
         if tail:

@@ -30,6 +30,7 @@ from retry_policy import (
     run_with_retries,
     wait_unless,
 )
+from seaking.dialects import OPENAI, Dialect
 from seaking.redaction import redacted
 from seaking.routing import route
 from seaking.streaming import LiveStream, is_event_stream, read_first_event
@@ -46,13 +47,18 @@ _UPSTREAM_NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
 def upstream_headers(client_headers: Iterable[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
-    """The client's headers as sent upstream; with an api_key, the client's credentials are replaced by it."""
+    """The client's headers as sent upstream; with an api_key, the client's credentials are replaced by it, in the
+    header the client authenticated with: `Authorization: Bearer`, or Anthropic's `x-api-key`."""
     headers = [(k, v) for k, v in client_headers if k.lower() not in _NOT_SENT_UPSTREAM]
     if api_key:
-        sent_x_api_key = any(k.lower() == "x-api-key" for k, _ in headers)
+        sent = {k.lower() for k, _ in headers}
+        # Anthropic's way: x-api-key (or just anthropic-version) and no Authorization, as SillyTavern's Claude source
+        # and the anthropic SDK before 2.x send it; its API then looks for the key there.
+        anthropic_style = "authorization" not in sent and bool(sent & {"x-api-key", "anthropic-version"})
         headers = [(k, v) for k, v in headers if k.lower() not in ("authorization", "x-api-key")]
-        headers.append(("Authorization", f"Bearer {api_key}"))
-        if sent_x_api_key:  # Anthropic-style /messages clients authenticate with x-api-key
+        if not anthropic_style:
+            headers.append(("Authorization", f"Bearer {api_key}"))
+        if anthropic_style or "x-api-key" in sent:
             headers.append(("x-api-key", api_key))
     return headers
 
@@ -106,6 +112,7 @@ class UpstreamRequest:
     headers: list[tuple[str, str]]  # the client's
     body: bytes
     expects_json: bool
+    api: Dialect = OPENAI  # the API it speaks: how its streams are read
     model: str | None = None  # the JSON body's "model"
     first_event_timeout: float | None = None  # set for "stream": true requests
 
@@ -299,9 +306,10 @@ class UpstreamClient:
     ) -> UpstreamAttempt:
         """A streaming attempt succeeds only with a good first event: until then nothing has reached the client,
         so an error event, an empty stream or a silent upstream can still be retried."""
-        timeout = max(0.0, min(request.first_event_timeout, deadline_at - time.monotonic()))
         try:
-            live, prefetched, classification = await read_first_event(response, timeout)
+            live, prefetched, classification = await read_first_event(
+                response, request.first_event_timeout, deadline_at, request.api
+            )
         except BaseException:  # cancelled: the client left while we waited for the first event
             response.close()
             raise

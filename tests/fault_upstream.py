@@ -1,10 +1,15 @@
-"""A real OpenAI-compatible server on 127.0.0.1 that misbehaves on request.
+"""A real OpenAI-compatible server on 127.0.0.1 that misbehaves on request; on /v1/messages it is an Anthropic one.
 
 Each endpoint answers from a script of faults, one per request, then falls back to its default (a good answer unless
 `always` says otherwise):
 
     upstream.script("chat/completions", Status(503), Status(503))   # two 503s, then a good completion
     upstream.always("models", Reset())                               # /models never answers
+    upstream.script("messages", Status(529), MessageStream(drop_after=2))   # Anthropic: overloaded, then a broken stream
+
+Anthropic mode: on a Messages path (`/messages`, `/messages/count_tokens`) the good answers, the default error bodies
+(`Status`, `ErrorBody`) and streams (`MessageStream`) have Anthropic's shapes; so has `/models` when the request
+carries `anthropic-version`.
 
 Run it alone for manual tests and benchmarks: `python tests/fault_upstream.py --port 9000`.
 """
@@ -49,28 +54,39 @@ class Good:
 
     async def __call__(self, request: web.Request, received: Received) -> web.StreamResponse:
         path = request.path
+        document = _json_or_empty(received.body)
+        model = document.get("model", "model-a")
         if path.endswith("/models"):
+            if "anthropic-version" in request.headers:
+                return web.json_response(anthropic_models())
             return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in MODEL_IDS]})
         if path.endswith("/embeddings"):
             return web.json_response({"object": "list", "data": [{"embedding": [0.1, 0.2], "index": 0}]})
-        if path.endswith("/completions") or path.endswith("/messages"):
-            document = _json_or_empty(received.body)
+        if path.endswith("/messages/count_tokens"):
+            return web.json_response({"input_tokens": len(received.body) // 4})
+        if path.endswith("/messages"):
+            if document.get("stream"):
+                return await MessageStream(chunks=_split(self.text))(request, received)
+            return web.json_response(message(self.text, model))
+        if path.endswith("/completions"):
             if document.get("stream"):
                 return await Stream(chunks=_split(self.text))(request, received)
-            return web.json_response(completion(self.text, document.get("model", "model-a")))
+            return web.json_response(completion(self.text, model))
         return web.json_response({"path": received.path, "method": received.method})
 
 
 @dataclass
 class Status:
     code: int
-    body: object = None  # dict -> JSON, str/bytes -> as is, None -> an OpenAI error for the code
+    body: object = None  # dict -> JSON, str/bytes -> as is, None -> an OpenAI (Anthropic) error for the code
     headers: dict[str, str] = field(default_factory=dict)
     reason: str | None = None
 
     async def __call__(self, request, received) -> web.StreamResponse:
         body = self.body
-        if body is None:
+        if body is None and is_messages(request.path):
+            body = anthropic_error(self.code, f"upstream status {self.code}")
+        elif body is None:
             body = {"error": {"message": f"upstream status {self.code}", "type": "upstream_test", "code": self.code}}
         if isinstance(body, dict):
             return web.json_response(body, status=self.code, headers=self.headers, reason=self.reason)
@@ -118,6 +134,8 @@ class ErrorBody:
     message: str = "provider overloaded"
 
     async def __call__(self, request, received) -> web.StreamResponse:
+        if is_messages(request.path):
+            return web.json_response(anthropic_error(529, self.message))
         return web.json_response({"error": {"message": self.message, "type": "server_error"}})
 
 
@@ -154,6 +172,63 @@ class Stream:
             await response.write(sse(chunk("", model, len(self.chunks), finish_reason=self.finish_reason)))
         if not self.no_done:
             await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class MessageStream:
+    """An Anthropic Messages stream: named events in Anthropic's order (a ping after the first content_block_start, as
+    its API sends), one text_delta per chunk, with optional faults."""
+
+    chunks: list[str] = field(default_factory=lambda: _split(REPLY_TEXT))
+    delay: float = 0.0
+    drop_after: int | None = None  # close the connection after this many text deltas
+    stall_after: int | None = None  # go silent (forever) after this many text deltas
+    no_stop: bool = False  # end after message_delta, without message_stop
+    error_first: str | None = None  # after message_start (no content yet): an `event: error` with this message, the end
+    error_after: int | None = None  # after this many text deltas: an `event: error` (overloaded_error), then the end
+    think: float = 0.0  # seconds between the preamble and the first text delta (a long prompt being read)
+    ping_every: float | None = None  # while thinking, a ping this often (None: silence)
+
+    async def __call__(self, request, received) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", "request-id": "req_test"})
+        await response.prepare(request)
+        model = _json_or_empty(received.body).get("model", "model-a")
+        start = {**message("", model), "content": [], "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}
+        await response.write(named("message_start", {"type": "message_start", "message": start}))
+        if self.error_first is not None:
+            await response.write(named("error", anthropic_error(529, self.error_first)))
+            await response.write_eof()
+            return response
+        await response.write(named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
+        await response.write(named("ping", {"type": "ping"}))
+        thought = 0.0
+        while thought < self.think:
+            step = min(self.ping_every or self.think, self.think - thought)
+            await asyncio.sleep(step)
+            thought += step
+            if self.ping_every:
+                await response.write(named("ping", {"type": "ping"}))
+        for index, text in enumerate(self.chunks):
+            if index == self.drop_after:
+                request.transport.close()
+                raise asyncio.CancelledError
+            if index == self.stall_after:
+                await asyncio.sleep(3600)
+            if index == self.error_after:
+                await response.write(named("error", anthropic_error(529, "Overloaded")))
+                await response.write_eof()
+                return response
+            if index and self.delay:
+                await asyncio.sleep(self.delay)
+            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+            await response.write(named("content_block_delta", delta))
+        await response.write(named("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        finish = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": len(self.chunks)}}
+        await response.write(named("message_delta", finish))
+        if not self.no_stop:
+            await response.write(named("message_stop", {"type": "message_stop"}))
         await response.write_eof()
         return response
 
@@ -212,6 +287,44 @@ def chunk(text: str, model: str, index: int, finish_reason: str | None = None) -
 
 def sse(document: dict) -> bytes:
     return b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+# --- Anthropic shapes --------------------------------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def is_messages(path: str) -> bool:
+    return path.rstrip("/").endswith(("/messages", "/messages/count_tokens"))
+
+
+def message(text: str, model: str) -> dict:
+    return {
+        "id": "msg_test",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 3},
+    }
+
+
+def anthropic_error(status: int, text: str) -> dict:
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": text}}
+
+
+def anthropic_models() -> dict:
+    data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in MODEL_IDS]
+    return {"data": data, "has_more": False, "first_id": MODEL_IDS[0], "last_id": MODEL_IDS[-1]}
+
+
+def named(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n"
 
 
 def _split(text: str) -> list[str]:

@@ -7,6 +7,7 @@ an upstream's answers (copying statuses, piping SSE, hanging on a dropped stream
     async with SillyTavern(tmp_path) as st:
         await st.store_key("sk-test")
         status, reason, body = await st.generate(proxy_url + "/v1", stream=True, timeout=10)
+        status, reason, body = await st.generate_claude(proxy_url, "proxy-password", stream=True, timeout=10)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import aiohttp
 from cached_install import RegistryUnavailable, check, install_once, kill_group, run
 
 VERSION = "1.19.0"
+GENERATE_PATH = "/api/backends/chat-completions/generate"
 INSTALL_TIMEOUT = 600  # seconds; a cold npm install takes about one minute
 START_TIMEOUT = 120  # the first start on a machine builds the frontend bundle (20-35 s), later ones take ~3 s
 STOP_GRACE = 5
@@ -232,4 +234,30 @@ class SillyTavern:
             "custom_prompt_post_processing": "",
             **(extra or {}),
         }
-        return await self._post("/api/backends/chat-completions/generate", payload, timeout)
+        return await self._post(GENERATE_PATH, payload, timeout)
+
+    async def generate_claude(
+        self, reverse_proxy: str, proxy_password: str, model: str = "claude-3-haiku-20240307", stream: bool = False,
+        timeout: float = 30,
+    ) -> tuple[int, str, bytes]:
+        """A chat turn with the Claude source and a reverse proxy, as its page posts it: SillyTavern's server sends
+        POST {reverse_proxy}/messages with the proxy password as x-api-key. (The model is one that none of its
+        thinking or sampling rules match, so the request stays plain.)"""
+        payload = {
+            "messages": [{"role": "user", "content": "Hello"}],
+            "model": model,
+            "temperature": 1,
+            "top_p": 1,
+            "top_k": 0,
+            "max_tokens": 300,
+            "stream": stream,
+            "chat_completion_source": "claude",
+            "reverse_proxy": reverse_proxy,
+            "proxy_password": proxy_password,
+            "use_sysprompt": False,
+            "assistant_prefill": "",
+            "stop": [],
+            "user_name": "User",
+            "char_name": "Assistant",
+        }
+        return await self._post(GENERATE_PATH, payload, timeout)

@@ -2,33 +2,24 @@
 
 The other tests read the proxy's bytes with aiohttp; these prove that the most common real client understands them:
 a stream retried after 503s arrives whole, a stream that breaks mid-way ends in an `openai.APIError` carrying the
-proxy's message after the text that did arrive (and without hanging), a non-streaming call survives a 503, and a
-fail-fast 401 is the SDK's `AuthenticationError`.
+proxy's message after the text that did arrive (and without hanging), a non-streaming call survives a 503, a
+fail-fast 401 is the SDK's `AuthenticationError`, and when the proxy gives up the SDK does not retry on top of it.
 
-Why a separate venv: current `openai` releases need h11 >= 0.16 (through httpx/httpcore) while mitmproxy 11 pins
-h11 <= 0.14, so the two cannot share the project's .venv. The SDK gets its own venv, built once and cached at
-$SEAKING_SDK_VENV (default ~/.cache/seaking-proxy/openai-sdk-venv), and runs in a subprocess of that venv's python
-while the proxy and the fault upstream serve in this test's event loop.
+The SDK runs in its own venv (sdk_venv.py), cached at $SEAKING_SDK_VENV (default ~/.cache/seaking-proxy/openai-sdk-venv).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from cached_install import RegistryUnavailable, check, install_once, run
+from cached_install import RegistryUnavailable
 from fault_upstream import REPLY_TEXT, Status, Stream
+from sdk_venv import ensure_sdk_python, run_sdk_script, venv_dir
 
 SDK_REQUIREMENT = "openai>=1"  # 0.x had another API; any newer major is what users get from pip
-VENV_TIMEOUT = 180  # python -m venv, with ensurepip: ~5 s
-PIP_TIMEOUT = 600  # a cold install of openai and its dependencies: well under a minute
-IMPORT_TIMEOUT = 60
 SDK_TIMEOUT = 10  # the SDK's own HTTP timeout: a hang shows up as APITimeoutError, not as a stuck test
-SCRIPT_TIMEOUT = 60  # the whole SDK subprocess: interpreter start, `import openai` (~1 s), one call
 
 # Run by the SDK venv's python: one chat completion, reported as a JSON line (the SDK's exception included).
 SDK_SCRIPT = r"""
@@ -37,7 +28,8 @@ import openai
 
 request = json.loads(sys.argv[1])
 client = openai.OpenAI(
-    base_url=request["base_url"], api_key="sk-client-key-123456", timeout=request["timeout"], max_retries=0
+    base_url=request["base_url"], api_key="sk-client-key-123456", timeout=request["timeout"],
+    max_retries=request["max_retries"],
 )
 result = {"version": openai.__version__, "chunks": [], "text": None, "error": None}
 started = time.monotonic()
@@ -65,59 +57,19 @@ print(json.dumps(result))
 """
 
 
-_sdk_python: Path | None = None
-
-
-def sdk_venv_dir() -> Path:
-    default = Path.home() / ".cache" / "seaking-proxy" / "openai-sdk-venv"
-    return Path(os.environ.get("SEAKING_SDK_VENV") or default)
-
-
-async def _imports_openai(python: Path) -> bool:
-    if not python.exists():
-        return False
-    returncode, _ = await run([str(python), "-c", "import openai"], IMPORT_TIMEOUT)
-    return returncode == 0
-
-
-async def ensure_sdk_python() -> Path:
-    """The python of a venv where `import openai` works, creating the cached venv first if needed."""
-    global _sdk_python
-    if _sdk_python is None:
-
-        async def install(staging: Path) -> None:
-            # sys.executable is always there; venv builds on its base interpreter, not on the project's .venv.
-            check("python -m venv", *await run([sys.executable, "-m", "venv", str(staging)], VENV_TIMEOUT))
-            pip = [str(staging / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-            check(f"pip install {SDK_REQUIREMENT}", *await run([*pip, "--retries", "2", SDK_REQUIREMENT], PIP_TIMEOUT))
-
-        # A renamed venv still works through `bin/python` (its prefix is found from pyvenv.cfg beside it); only the
-        # shebangs of its console scripts keep the staging path, and nothing here uses them.
-        root = await install_once(sdk_venv_dir(), lambda root: _imports_openai(root / "bin" / "python"), install, PIP_TIMEOUT)
-        _sdk_python = root / "bin" / "python"
-    return _sdk_python
-
-
 @pytest.fixture
 async def sdk_python() -> Path:
     try:
-        return await ensure_sdk_python()
+        return await ensure_sdk_python(venv_dir("openai-sdk-venv", "SEAKING_SDK_VENV"), SDK_REQUIREMENT, "openai")
     except RegistryUnavailable as exc:
         pytest.skip(f"openai SDK not installable: {exc}")
 
 
-async def sdk_chat(python: Path, base_url: str, stream: bool) -> dict:
+async def sdk_chat(python: Path, base_url: str, stream: bool, max_retries: int = 0) -> dict:
     """One chat completion through the SDK in its venv: what it yielded or returned, and what it raised."""
-    request = {"base_url": base_url, "stream": stream, "timeout": SDK_TIMEOUT}
-    # httpx honours proxy variables, which would send these loopback calls elsewhere; OPENAI_* could change the client.
-    env = {k: v for k, v in os.environ.items() if not (k.lower().endswith("_proxy") or k.startswith("OPENAI_"))}
-    try:
-        returncode, output = await run([str(python), "-c", SDK_SCRIPT, json.dumps(request)], SCRIPT_TIMEOUT, env=env)
-    except TimeoutError:
-        pytest.fail(f"the SDK did not finish within {SCRIPT_TIMEOUT} s (it hangs)")
-    assert returncode == 0, f"the SDK script crashed:\n{output}"
-    result = json.loads(output.strip().splitlines()[-1])
-    print(f"openai {result['version']}: {json.dumps(result)}")  # shown with -s or on failure
+    request = {"base_url": base_url, "stream": stream, "timeout": SDK_TIMEOUT, "max_retries": max_retries}
+    result = await run_sdk_script(python, SDK_SCRIPT, request, env_prefix="OPENAI_")
+    print(f"openai {result['version']}")
     return result
 
 
@@ -165,3 +117,14 @@ async def test_a_fail_fast_401_raises_authentication_error(proxy, upstream, sdk_
     assert error["status_code"] == 401
     assert "Incorrect API key provided" in error["message"]
     assert len(upstream.received_at("chat/completions")) == 1
+
+
+async def test_when_the_proxy_gives_up_the_sdk_does_not_retry_on_top(proxy_factory, upstream, sdk_python):
+    proxy = await proxy_factory({"error_handling": {"max_retries": 2}})
+    upstream.always("chat/completions", Status(503))
+    result = await sdk_chat(sdk_python, proxy.url + "/v1", stream=False, max_retries=2)  # the SDK's default
+    error = result["error"]
+    assert error is not None and "InternalServerError" in error["classes"] and error["status_code"] == 503
+    assert "gave up after 3 attempts" in error["message"]
+    # x-should-retry: false. Without it the SDK would send the request twice more, each retried 3 times: 9 attempts.
+    assert len(upstream.received_at("chat/completions")) == 3

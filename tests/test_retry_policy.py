@@ -35,7 +35,7 @@ def verdict(status, body=b'{"ok": true}', content_type="application/json", expec
     return classify_response(POLICY, status, content_type, body, expects_json)
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 520, 521, 522, 523, 529])
 def test_retry_codes_retry(status):
     result = verdict(status)
     assert (result.verdict, result.failure) == (Verdict.RETRY, Failure.STATUS)
@@ -46,7 +46,7 @@ def test_fail_codes_fail_fast(status):
     assert verdict(status).verdict is Verdict.FAIL_FAST
 
 
-@pytest.mark.parametrize("status", [301, 404, 409, 422, 501])
+@pytest.mark.parametrize("status", [301, 404, 409, 422, 501, 524])
 def test_other_statuses_pass_through(status):
     assert verdict(status).verdict is Verdict.PASS_THROUGH
 
@@ -61,7 +61,9 @@ def test_codes_come_from_the_policy():
 @pytest.mark.parametrize(
     ("body", "why"),
     [(b"", "empty"), (b"  \n", "empty"), (b"{not json", "not JSON"), (b'{"error": {"message": "overloaded"}}', "overloaded"),
-     (b'{"error": "quota"}', "quota")],
+     (b'{"error": "quota"}', "quota"),
+     (b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}', "Overloaded"),
+     (b'{"type": "error"}', "error")],
 )
 def test_broken_2xx_json_is_retryable(body, why):
     result = verdict(200, body)

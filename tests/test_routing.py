@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seaking.routing import route
+from seaking.routing import endpoint_of, route
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,20 @@ def test_route_kinds():
     assert not route("https://h", "/v1/models").expects_json_body
     assert route("https://h", "/v1/models").is_models
     assert not route("https://h", "/health").is_models
+
+
+@pytest.mark.parametrize(
+    ("base", "path", "url", "endpoint"),
+    [
+        # Anthropic's API lives under /v1 only: a base without a path gets it even when the client left it out.
+        ("https://h", "//messages", "https://h/v1/messages", "messages"),
+        ("https://h", "/messages?beta=true", "https://h/v1/messages?beta=true", "messages"),
+        ("https://h", "/v1/messages/count_tokens", "https://h/v1/messages/count_tokens", "messages/count_tokens"),
+        ("https://h/api/v1", "/v1//messages/count_tokens", "https://h/api/v1/messages/count_tokens", "messages/count_tokens"),
+        ("https://h", "/v1/messages/batches", "https://h/v1/messages/batches", None),
+    ],
+)
+def test_route_anthropic(base, path, url, endpoint):
+    result = route(base, path)
+    assert (result.url, result.endpoint) == (url, endpoint)
+    assert endpoint_of(path) == endpoint

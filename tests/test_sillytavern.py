@@ -1,8 +1,9 @@
 """End to end: a real SillyTavern 1.19.0 talks to the proxy, which fronts the fault-injecting upstream.
 
 SillyTavern's own backend API is driven as its browser page drives it (tests/sillytavern.py), with the Custom
-(OpenAI-compatible) source pointed at `proxy.url + "/v1"`, so what these tests assert is what a SillyTavern user gets:
-the model list after "Connect", the reply text, and the error message the page shows.
+(OpenAI-compatible) source pointed at `proxy.url + "/v1"`, and with the Claude source using the proxy as its reverse
+proxy (with a proxy password), so what these tests assert is what a SillyTavern user gets: the model list after
+"Connect", the reply text, and the error message the page shows.
 
 One SillyTavern process serves the whole module. Its client session is bound to the event loop it started in, so the
 tests, and the upstream and proxy fixtures they use, run in one module-wide loop: the conftest fixtures of the same
@@ -19,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import running_proxies, running_upstreams
-from fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, Status, Stream
+from fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, MessageStream, Status, Stream
 from sillytavern import VERSION, SillyTavern, SillyTavernUnavailable, ensure_installed
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -237,3 +238,91 @@ async def test_key_held_by_the_proxy_replaces_sillytaverns(sillytavern, upstream
 
     assert authorizations(upstream, "models") == {f"Bearer {PROXY_KEY}"}
     assert authorizations(upstream, "chat/completions") == {f"Bearer {PROXY_KEY}"}
+
+
+# --- the Claude source, with the proxy as its reverse proxy -------------------------------------------------------------
+
+PROXY_PASSWORD = "st-claude-proxy-password"  # SillyTavern sends it as x-api-key; the proxy's access key
+CLAUDE_PROXY = {"target_proxy": {"api_key": PROXY_KEY}, "server": {"access_key": PROXY_PASSWORD}}
+
+
+def claude_text(events: list) -> str:
+    """What SillyTavern's page makes of a Claude stream: delta.text of every event."""
+    return "".join(e.get("delta", {}).get("text", "") for e in events if isinstance(e, dict))
+
+
+def assert_claude_requests(upstream: FaultyUpstream, count: int) -> None:
+    """SillyTavern's Claude requests, as the upstream saw them: the proxy's key as x-api-key, Anthropic's headers."""
+    requests = upstream.received_at("messages")
+    assert len(requests) == count
+    for request in requests:
+        assert request.path == "/v1/messages"
+        assert request.headers["x-api-key"] == PROXY_KEY and "Authorization" not in request.headers
+        assert request.headers["anthropic-version"] == "2023-06-01"
+        assert "output-128k-2025-02-19" in request.headers["anthropic-beta"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "url_suffix"),
+    [(False, ""), (True, ""), (True, "/v1/")],
+    ids=["non-streaming", "streaming", "streaming-v1-slash"],
+)
+async def test_claude_reply_arrives_after_two_529s(sillytavern, upstream, proxy_factory, stream, url_suffix):
+    proxy = await proxy_factory(CLAUDE_PROXY)
+    upstream.script("messages", Status(529), Status(529))
+
+    # The reverse proxy URL as users type it: SillyTavern appends "/messages", so these arrive as //messages and
+    # /v1//messages.
+    status, _, body = await sillytavern.generate_claude(
+        proxy.url + url_suffix, PROXY_PASSWORD, stream=stream, timeout=GENERATE_TIMEOUT
+    )
+
+    assert status == 200, (body, sillytavern.log_tail())
+    if stream:
+        events = sse_events(body)
+        assert claude_text(events) == REPLY_TEXT
+        assert events[-1] == {"type": "message_stop"}
+        assert not any("error" in e for e in events)
+    else:
+        assert json.loads(body)["choices"][0]["message"]["content"] == REPLY_TEXT
+    assert_claude_requests(upstream, 3)
+
+
+async def test_claude_mid_stream_drop_ends_the_reply_with_the_proxys_error(sillytavern, upstream, proxy_factory):
+    proxy = await proxy_factory(CLAUDE_PROXY)
+    upstream.script("messages", MessageStream(drop_after=2))
+
+    started = time.monotonic()
+    status, _, body = await sillytavern.generate_claude(proxy.url, PROXY_PASSWORD, stream=True, timeout=GENERATE_TIMEOUT)
+
+    assert time.monotonic() - started < 5
+    assert status == 200, (body, sillytavern.log_tail())
+    events = sse_events(body)
+    assert claude_text(events) == "Hello from"
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and errors[0]["type"] == "api_error"
+    # SillyTavern's page toasts error.message of an event that carries an error, and keeps the text before it.
+    assert "dropped in the middle of the stream" in errors[0]["message"]
+    assert b"event: error\n" in body and b"[DONE]" not in body
+    assert_claude_requests(upstream, 1)
+
+
+async def test_claude_wrong_proxy_password_is_shown_when_streaming(sillytavern, upstream, proxy_factory):
+    proxy = await proxy_factory(CLAUDE_PROXY)
+    status, reason, body = await sillytavern.generate_claude(proxy.url, "wrong-password", stream=True, timeout=GENERATE_TIMEOUT)
+    assert status == 400  # SillyTavern's own change of 401
+    assert json.loads(body)["error"]["type"] == "authentication_error"
+    assert "access key" in shown_error(status, reason, body)
+    assert upstream.received == []
+
+
+async def test_claude_non_streaming_failure_reaches_the_page_only_as_an_internal_server_error(
+    sillytavern, upstream, proxy_factory
+):
+    proxy = await proxy_factory(CLAUDE_PROXY)
+    upstream.always("messages", Status(529))
+    status, _, body = await sillytavern.generate_claude(proxy.url, PROXY_PASSWORD, stream=False, timeout=GENERATE_TIMEOUT)
+    # SillyTavern logs the upstream's error and tells its page only this, whatever the proxy said: for a
+    # non-streaming Claude call, retrying before giving up is all the proxy can do.
+    assert (status, json.loads(body)) == (500, {"error": True})
+    assert_claude_requests(upstream, 4)

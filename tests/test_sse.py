@@ -1,28 +1,33 @@
-"""streaming.py's pure parts alone: following SSE across chunk boundaries, and how a stream is closed."""
+"""streaming.py's and dialects.py's pure parts alone: following SSE across chunk boundaries, how a stream is closed,
+and what each API's errors and streams look like."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from mitmproxy.http import Headers
 
+from seaking.dialects import ANTHROPIC, DONE, OPENAI, dialect_for
 from seaking.errors import ProxyError
-from seaking.streaming import DONE, SseWatcher, completion_as_sse, is_error_payload, is_event_stream
+from seaking.streaming import SseWatcher, is_error_payload, is_event_stream
 
 DROPPED = ProxyError(502, "dropped", "stream_interrupted")
 
 
-def watch(*chunks: bytes) -> SseWatcher:
-    watcher = SseWatcher()
+def watch(*chunks: bytes, api=OPENAI) -> SseWatcher:
+    watcher = SseWatcher(api)
     for chunk in chunks:
         watcher.feed(chunk)
     return watcher
 
 
-def test_events_are_counted_across_chunk_boundaries():
-    watcher = watch(b'data: {"a"', b": 1}\r", b"\n", b"\r\n: comment\n\n", b"data: x\n\ndata: y\n")
-    assert watcher.events == 2
-    assert watcher.first_data == b'{"a": 1}'
+def test_events_are_followed_across_chunk_boundaries():
+    watcher = watch(b": comment\n\n", b'data: {"fin', b'ish_reason": "stop"}\r', b"\n")
+    assert watcher.content_started and watcher.saw_finish
+    assert watcher.to_boundary() == b"\n"  # the event's blank line is still to come
+    watcher.feed(b"\r\n")
+    assert watcher.to_boundary() == b""
 
 
 @pytest.mark.parametrize(
@@ -31,7 +36,7 @@ def test_events_are_counted_across_chunk_boundaries():
         ([b"data: [DONE]\n\n"], True, False, False),
         ([b'data: {"choices": [{"finish_reason": "stop"}]}\n\n'], False, True, False),
         ([b'data: {"choices": [{"finish_reason": null}]}\n\n'], False, False, False),
-        ([b'event: message_stop\ndata: {"type": "message_stop"}\n\n'], False, True, False),
+        ([b'event: message_stop\ndata: {"type": "message_stop"}\n\n'], False, False, False),  # not OpenAI's
         ([b'data: {"error": {"message": "x"}}\n\n'], False, False, True),
         ([b'data: {"type": "error", "error": {"type": "overloaded_error"}}\n\n'], False, False, True),
         ([b'data: {"content": "the word \\"error\\" in text"}\n\n'], False, False, False),
@@ -44,58 +49,57 @@ def test_what_the_watcher_sees(chunks, done, finish, error):
 
 
 def test_a_complete_stream_needs_no_ending():
-    assert watch(b"data: 1\n\ndata: [DONE]\n\n").ending(None, append_done=True) == (b"", None)
-    assert watch(b"data: 1\n\ndata: [DONE]\n\n").ending(DROPPED, append_done=True) == (b"", None)
+    assert watch(b"data: 1\n\ndata: [DONE]\n\n").ending(None) == (b"", None)
+    assert watch(b"data: 1\n\ndata: [DONE]\n\n").ending(DROPPED) == (b"", None)
 
 
 def test_a_finished_stream_without_done_gets_done():
     watcher = watch(b'data: {"finish_reason": "stop"}\n\n')
-    assert watcher.ending(None, append_done=True) == (DONE, None)
-    assert watcher.ending(None, append_done=False) == (b"", None)
+    assert watcher.ending(None) == (DONE, None)
 
 
 def test_an_unfinished_stream_gets_one_error_event_then_done():
-    tail, problem = watch(b"data: 1\n\n").ending(None, append_done=True)
+    tail, problem = watch(b"data: 1\n\n").ending(None)
     assert problem.code == "stream_incomplete"
-    assert tail == problem.sse_event() + DONE
+    assert tail == OPENAI.error_event(problem) + DONE
 
 
 def test_a_drop_gets_its_own_error_event_on_a_fresh_line():
-    tail, problem = watch(b"data: 1\n\ndata: {\"cho").ending(DROPPED, append_done=True)
+    tail, problem = watch(b"data: 1\n\ndata: {\"cho").ending(DROPPED)
     assert problem is DROPPED
-    assert tail == b"\n\n" + DROPPED.sse_event() + DONE
-    tail, _ = watch(b"data: 1\n").ending(DROPPED, append_done=True)
+    assert tail == b"\n\n" + OPENAI.error_event(DROPPED) + DONE
+    tail, _ = watch(b"data: 1\n").ending(DROPPED)
     assert tail.startswith(b"\ndata: {\"error\"")
 
 
 def test_an_upstream_error_event_is_not_doubled():
-    tail, problem = watch(b'data: {"error": {"message": "upstream said"}}\n\n').ending(DROPPED, append_done=True)
+    tail, problem = watch(b'data: {"error": {"message": "upstream said"}}\n\n').ending(DROPPED)
     assert tail == DONE and problem is DROPPED
 
 
 def test_the_error_event_has_the_fields_clients_read():
-    event = ProxyError(502, "dropped", "stream_interrupted", attempts=2).sse_event()
+    event = OPENAI.error_event(ProxyError(502, "dropped", "stream_interrupted", attempts=2))
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert json.loads(event[6:]) == {
         "error": {"message": "dropped", "type": "upstream_error", "code": "stream_interrupted", "attempts": 2}
     }
 
 
-def test_completion_as_sse():
+def test_a_completion_as_a_stream():
     body = json.dumps({"id": "c", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}]}).encode()
-    data, done = completion_as_sse(body).split(b"\n\n", 1)
+    data, done = OPENAI.whole_as_stream(body).split(b"\n\n", 1)
     event = json.loads(data[6:])
     assert event["object"] == "chat.completion.chunk"
     assert event["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}]
     assert done == DONE
-    text = json.loads(completion_as_sse(b'{"choices": [{"text": "t"}]}').split(b"\n\n")[0][6:])
+    text = json.loads(OPENAI.whole_as_stream(b'{"choices": [{"text": "t"}]}').split(b"\n\n")[0][6:])
     assert text["choices"] == [{"index": 0, "text": "t", "finish_reason": "stop"}]
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"choices": "x"}', b'{"choices": [1]}', b"{}"])
 def test_completion_as_sse_refuses_what_is_not_a_completion(body):
-    assert completion_as_sse(body) is None
+    assert OPENAI.whole_as_stream(body) is None
 
 
 def test_small_predicates():
@@ -103,3 +107,108 @@ def test_small_predicates():
     assert not is_event_stream("application/json")
     assert not is_error_payload(b"[DONE]")
     assert not is_error_payload(b'{"error": null}')
+
+
+# --- Anthropic's dialect ---------------------------------------------------------------------------------------------
+
+
+def anthropic_event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+MESSAGE_START = anthropic_event("message_start", {"type": "message_start", "message": {"type": "message", "content": []}})
+BLOCK_START = anthropic_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+PING = anthropic_event("ping", {"type": "ping"})
+DELTA = anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
+STOP = anthropic_event("message_stop", {"type": "message_stop"})
+OVERLOADED = anthropic_event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
+
+@pytest.mark.parametrize(
+    ("chunks", "content", "error_first"),
+    [
+        ([MESSAGE_START, BLOCK_START, PING], False, False),  # no text yet
+        ([MESSAGE_START, PING, OVERLOADED], False, True),  # an error before any content can still be retried
+        ([MESSAGE_START, BLOCK_START, DELTA], True, False),
+        ([MESSAGE_START, BLOCK_START, DELTA, OVERLOADED], True, False),  # after content: passed on, not retried
+        ([MESSAGE_START, STOP], True, False),  # an empty reply is complete
+        ([anthropic_event("message_start", {"type": "message_start", "message": {"content": [{"type": "text", "text": "Sure"}]}})], True, False),
+        ([anthropic_event("brand_new_event", {"type": "brand_new_event"})], True, False),
+    ],
+)
+def test_what_counts_as_content_in_an_anthropic_stream(chunks, content, error_first):
+    watcher = watch(*chunks, api=ANTHROPIC)
+    assert (watcher.content_started, watcher.error_first is not None) == (content, error_first)
+
+
+def test_an_anthropic_stream_ends_with_message_stop_and_nothing_after_it():
+    assert watch(MESSAGE_START, DELTA, STOP, api=ANTHROPIC).ending(None) == (b"", None)
+    assert watch(MESSAGE_START, DELTA, STOP, api=ANTHROPIC).ending(DROPPED) == (b"", None)
+    tail, problem = watch(MESSAGE_START, DELTA, api=ANTHROPIC).ending(None)
+    assert problem.code == "stream_incomplete" and "no message_stop" in problem.message
+    assert tail == ANTHROPIC.error_event(problem)
+    tail, _ = watch(MESSAGE_START, DELTA[:-1], api=ANTHROPIC).ending(DROPPED)
+    assert tail == b"\n" + ANTHROPIC.error_event(DROPPED)
+    assert watch(MESSAGE_START, DELTA, OVERLOADED, api=ANTHROPIC).ending(DROPPED) == (b"", DROPPED)  # never doubled
+
+
+def test_anthropics_error_event_and_document():
+    error = ProxyError(529, "Upstream overloaded; gave up after 4 attempts.", "upstream_http_529", attempts=4)
+    event = ANTHROPIC.error_event(error)
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n")
+    assert json.loads(event.split(b"data: ", 1)[1]) == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": error.message, "code": "upstream_http_529", "attempts": 4},
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "anthropic_type"),
+    [(400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"), (404, "not_found_error"),
+     (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"), (502, "api_error"),
+     (503, "api_error"), (504, "timeout_error"), (529, "overloaded_error"), (422, "invalid_request_error")],
+)
+def test_anthropic_error_types_follow_the_status(status, anthropic_type):
+    # OpenAI's own type (here: the guard's) does not leak into Anthropic's document.
+    document = ANTHROPIC.error_document(ProxyError(status, "m", "c", type="invalid_request_error"))
+    assert document["error"]["type"] == anthropic_type
+
+
+def test_both_apis_error_responses_say_x_should_retry_false():
+    for api in (OPENAI, ANTHROPIC):
+        response = api.error_response(ProxyError(503, "gave up", "upstream_http_503", retry_after=7))
+        assert response.headers["x-should-retry"] == "false"
+        assert response.headers["retry-after"] == "7"
+        assert response.headers["content-type"] == "application/json"
+
+
+def test_a_message_as_a_stream():
+    body = json.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "m", "stop_reason": "max_tokens",
+        "content": [{"type": "text", "text": "hi"}, {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}}],
+        "usage": {"input_tokens": 3, "output_tokens": 2},
+    }).encode()
+    events = [block.split(b"\ndata: ") for block in ANTHROPIC.whole_as_stream(body).split(b"\n\n") if block]
+    names = [name[len(b"event: "):].decode() for name, _ in events]
+    data = [json.loads(payload) for _, payload in events]
+    assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                     "content_block_start", "content_block_stop", "message_delta", "message_stop"]
+    assert [d["type"] for d in data] == names
+    assert data[0]["message"]["content"] == [] and data[1]["content_block"] == {"type": "text", "text": ""}
+    assert data[2]["delta"] == {"type": "text_delta", "text": "hi"}
+    assert data[4]["content_block"]["input"] == {"a": 1}  # whole, as the SDK's accumulator keeps it
+    assert data[6]["delta"]["stop_reason"] == "max_tokens" and data[6]["usage"] == {"output_tokens": 2}
+
+
+@pytest.mark.parametrize("body", [b"not json", b"{}", b'{"type": "message", "content": "x"}', b'{"type": "message", "content": [1]}'])
+def test_what_is_not_a_message_is_not_made_a_stream(body):
+    assert ANTHROPIC.whole_as_stream(body) is None
+
+
+def test_the_dialect_of_a_request():
+    assert dialect_for("messages", {}) is ANTHROPIC
+    assert dialect_for("messages/count_tokens", {}) is ANTHROPIC
+    assert dialect_for("models", Headers(**{"Anthropic-Version": "2023-06-01"})) is ANTHROPIC
+    assert dialect_for(None, Headers(**{"anthropic-version": "2023-06-01"})) is ANTHROPIC
+    assert dialect_for("models", Headers()) is OPENAI
+    assert dialect_for("chat/completions", Headers(authorization="Bearer x")) is OPENAI
