@@ -20,7 +20,7 @@ from collections.abc import Container
 from mitmproxy import http
 
 from seaking.errors import ProxyError, reason_phrase
-from seaking.routing import ANTHROPIC_ENDPOINTS
+from seaking.routing import ANTHROPIC_ENDPOINTS, endpoint_of
 
 DONE = b"data: [DONE]\n\n"
 
@@ -200,6 +200,11 @@ def dialect_for(endpoint: str | None, headers: Container[str]) -> Dialect:
     if endpoint in ANTHROPIC_ENDPOINTS or "anthropic-version" in headers:
         return ANTHROPIC
     return OPENAI
+
+
+def dialect_of(request: http.Request) -> Dialect:
+    """The API a client's request speaks, from its path and headers alone (before the exchange routes it)."""
+    return dialect_for(endpoint_of(request.path), request.headers)
 
 
 def _named_event(name: str, data: dict) -> bytes:

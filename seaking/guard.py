@@ -14,12 +14,12 @@ import json
 
 from mitmproxy import http
 
-from seaking.dialects import Dialect, dialect_for
+from seaking.dialects import dialect_of
 from seaking.errors import ProxyError
 from seaking.flows import is_answered, is_client_flow, is_replay, record
 from seaking.redaction import bearer_token
 from seaking.relay import RelayJob
-from seaking.routing import endpoint_of, route
+from seaking.routing import route
 
 
 class AccessGuard:
@@ -39,7 +39,7 @@ class AccessGuard:
             flow.request.headers.pop("expect", None)  # no "100 Continue": the client need not send the body at all
             flow.request.stream = _discard  # what it sends anyway is read and dropped, so that it can read the answer
             record(flow)["refused"] = refusal.code
-            await self.shared.relay.serve(flow, RelayJob.whole(_api(flow).error_response(refusal)))
+            await self.shared.relay.serve(flow, RelayJob.whole(dialect_of(flow.request).error_response(refusal)))
         elif _length_undeclared(flow.request):
             flow.request.stream = CappedBody(self.shared.config.server.max_body_bytes, lambda: self._cut_off(flow))
             await self.shared.relay.bind(flow)
@@ -51,11 +51,11 @@ class AccessGuard:
             flow.request.raw_content = flow.request.stream.collected()
         problem = self._check_size(flow.request) or self._read_json_body(flow)
         if problem is not None:
-            flow.response = _api(flow).error_response(problem)
+            flow.response = dialect_of(flow.request).error_response(problem)
 
     def _cut_off(self, flow: http.HTTPFlow) -> None:
         record(flow)["refused"] = "request_too_large"
-        self.shared.relay.serve_now(flow, RelayJob.whole(_api(flow).error_response(self._too_large())))
+        self.shared.relay.serve_now(flow, RelayJob.whole(dialect_of(flow.request).error_response(self._too_large())))
 
     def _check_access(self, flow: http.HTTPFlow) -> ProxyError | None:
         access_key = self.shared.config.server.access_key
@@ -137,11 +137,6 @@ class CappedBody:
 
     def collected(self) -> bytes:
         return b"".join(self._chunks or ())
-
-
-def _api(flow: http.HTTPFlow) -> Dialect:
-    """The API the client speaks, for the shape of a refusal: known from the path and headers alone."""
-    return dialect_for(endpoint_of(flow.request.path), flow.request.headers)
 
 
 def _discard(chunk: bytes) -> list[bytes]:

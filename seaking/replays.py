@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from seaking.dialects import dialect_of
 from seaking.errors import ProxyError
 from seaking.flows import RECORD_KEY, is_answered, is_client_flow, is_replay
 from seaking.relay import TOKEN_HEADER
@@ -40,7 +41,7 @@ class Replays:
             return
         missing = self.shared.redaction.missing_credentials(flow)
         if missing and not all(target.api_key for target in self.shared.failover.pool.targets):
-            flow.response = key_gone(missing).response()
+            flow.response = dialect_of(flow.request).error_response(key_gone(missing))
 
 
 def key_gone(headers: list[str]) -> ProxyError:
