@@ -7,11 +7,13 @@ user could not pick a model, although chat may work a minute later. A cached lis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,38 +51,83 @@ def fallback_models_body(model_ids: tuple[str, ...]) -> bytes:
 
 
 class ModelListStore:
+    """The lists in memory, and in a JSON file that survives restarts and that several proxy processes may share
+    (behind a load balancer, see README "Speed and cost"). A write merges what the other processes wrote since (the
+    newer list per URL wins) under an exclusive lock on a file beside it, and replaces the file atomically, so neither
+    a concurrent writer nor a crash mid-write loses what is there. A read picks up the file again when it changed."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: dict[str, CachedModels] | None = None  # read from the file on first use
-
-    def _load(self) -> dict[str, CachedModels]:
-        if self._entries is None:
-            self._entries = {}
-            try:
-                stored = json.loads(self.path.read_text(encoding="utf-8"))
-                for url, entry in stored.items():
-                    self._entries[url] = CachedModels(entry["body"].encode(), float(entry["fetched_at"]))
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                logger.warning(f"models cache {self.path} is unreadable and will be rewritten: {e}")
-        return self._entries
+        self._entries: dict[str, CachedModels] = {}
+        self._read_version: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read
 
     def get(self, url: str) -> CachedModels | None:
-        return self._load().get(url)
+        self._merge_file()
+        return self._entries.get(url)
 
     def put(self, url: str, body: bytes) -> None:
-        entries = self._load()
-        entries[url] = CachedModels(body, time.time())
-        stored = {u: {"fetched_at": e.fetched_at, "body": e.body.decode("utf-8", "replace")} for u, e in entries.items()}
+        self._entries[url] = CachedModels(body, time.time())  # memory first: kept even if the file cannot be written
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename, so a crash mid-write never leaves half a file for the next start.
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, encoding="utf-8") as tmp:
-                json.dump(stored, tmp)
-            os.replace(tmp.name, self.path)
+            with _exclusive(self.path.with_name(self.path.name + ".lock")):
+                self._merge_file()
+                stored = {u: {"fetched_at": e.fetched_at, "body": e.body.decode("utf-8", "replace")}
+                          for u, e in self._entries.items()}
+                with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, encoding="utf-8") as tmp:
+                    json.dump(stored, tmp)
+                os.replace(tmp.name, self.path)
+                self._read_version = _version(self.path)
         except OSError as e:
             logger.warning(f"cannot write models cache {self.path}: {e}; keeping it in memory only")
+
+    def _merge_file(self) -> None:
+        """Take in the file's lists that are newer than ours, if the file changed since it was last read."""
+        version = _version(self.path)
+        if version is None or version == self._read_version:
+            return
+        self._read_version = version
+        try:
+            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            found = {url: CachedModels(entry["body"].encode(), float(entry["fetched_at"]))
+                     for url, entry in stored.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            logger.warning(f"models cache {self.path} is unreadable and will be rewritten: {e}")
+            return
+        for url, cached in found.items():
+            if url not in self._entries or cached.fetched_at > self._entries[url].fetched_at:
+                self._entries[url] = cached
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock between processes, held while the block runs (flock on POSIX, msvcrt on Windows)."""
+    with open(lock_path, "a+b") as lock:
+        if os.name == "nt":
+            import msvcrt
+
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises OSError
+            try:
+                yield
+            finally:
+                lock.seek(0)
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 class ModelsCache:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import seaking.relay as relay_module
 from seaking.models_cache import ModelListStore, fallback_models_body, is_models_list
 from seaking.relay import TOKEN_HEADER, Relay, RelayJob
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def chunks(*parts: bytes):
@@ -92,3 +97,37 @@ def test_model_list_helpers():
     assert not is_models_list(b'{"data": {}}') and not is_models_list(b"nope")
     assert json.loads(fallback_models_body(("a",)))["data"][0] == {"id": "a", "object": "model", "created": 0, "owned_by": "seaking-proxy"}
 
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from seaking.models_cache import ModelListStore
+store = ModelListStore(Path(sys.argv[1]))
+for i in range(40):
+    store.put(f"http://{sys.argv[2]}/v1/models?n={i}", b'{"data": []}')
+"""
+
+
+def test_processes_sharing_the_cache_file_lose_none_of_each_others_lists(tmp_path):
+    """Proxies behind a load balancer share one file: every write keeps what the others wrote."""
+    path = tmp_path / "models.json"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"writer{n}"], cwd=ROOT) for n in range(4)
+    ]
+    assert [w.wait(60) for w in writers] == [0] * 4
+    stored = json.loads(path.read_text())
+    assert len(stored) == 4 * 40
+    fresh = ModelListStore(path)
+    assert fresh.get("http://writer3/v1/models?n=39") is not None
+
+
+def test_a_list_another_process_wrote_is_found_without_a_restart(tmp_path):
+    path = tmp_path / "models.json"
+    mine = ModelListStore(path)
+    mine.put("http://a/v1/models", b'{"data": ["old"]}')
+    theirs = ModelListStore(path)
+    theirs.put("http://b/v1/models", b'{"data": ["b"]}')
+    theirs.put("http://a/v1/models", b'{"data": ["newer"]}')
+    assert mine.get("http://b/v1/models").body == b'{"data": ["b"]}'
+    assert mine.get("http://a/v1/models").body == b'{"data": ["newer"]}'
