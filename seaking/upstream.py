@@ -30,6 +30,7 @@ from retry_policy import (
     run_with_retries,
     wait_unless,
 )
+from seaking.outbound import SOCKS_ERRORS, OutboundProxy, direct_connector
 from seaking.routing import route
 from seaking.streaming import LiveStream, is_event_stream, read_first_event
 from seaking.targets import Target, TargetPool
@@ -41,7 +42,7 @@ _NOT_SENT_UPSTREAM = frozenset(
     {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding",
      "content-length", "accept-encoding", "upgrade", "te", "trailer"}
 )
-_UPSTREAM_NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+_UPSTREAM_NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, *SOCKS_ERRORS)
 
 
 def upstream_headers(client_headers: Iterable[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
@@ -112,25 +113,32 @@ class Failover:
 
 
 class UpstreamClient:
-    """Owns the aiohttp session (connection pool) shared by every exchange."""
+    """Owns the aiohttp sessions (connection pools) shared by every exchange: one direct, one per outbound proxy."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str | None, aiohttp.ClientSession] = {}  # proxy URL (None: direct) -> its session
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
+    def session(self, proxy: OutboundProxy | None = None) -> aiohttp.ClientSession:
+        key = proxy.url if proxy else None
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            session = self._sessions[key] = aiohttp.ClientSession(
                 # Timeouts are per attempt and per deadline (asyncio.timeout below), not aiohttp's.
                 timeout=aiohttp.ClientTimeout(total=None),
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+                connector=proxy.connector() if proxy else direct_connector(),
                 cookie_jar=aiohttp.DummyCookieJar(),  # clients' cookies pass in headers, never mixed between them
             )
-        return self._session
+        return session
+
+    def request(self, target: Target, method: str, url: str, **kwargs):
+        """aiohttp's request, through the target's outbound proxy if it has one."""
+        proxy = target.proxy
+        return self.session(proxy).request(method, url, **(proxy.request_options() if proxy else {}), **kwargs)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def exchange(
         self,
@@ -222,7 +230,8 @@ class UpstreamClient:
         started = time.monotonic()
         try:
             async with asyncio.timeout(min(policy.per_try_timeout, deadline_at - started)):
-                response = await self.session().request(
+                response = await self.request(
+                    target,
                     request.method,
                     route(target.base_url, request.path).url,
                     headers=upstream_headers(request.headers, target.api_key),
@@ -281,8 +290,8 @@ class UpstreamClient:
         started = time.monotonic()
         try:
             async with asyncio.timeout(policy.per_try_timeout):
-                async with self.session().get(
-                    route(target.base_url, "/v1/models").url, headers=headers, allow_redirects=False
+                async with self.request(
+                    target, "GET", route(target.base_url, "/v1/models").url, headers=headers, allow_redirects=False
                 ) as response:
                     body = await response.read()
             result = classify_response(policy, response.status, response.content_type, body, expects_json=True)

@@ -32,6 +32,8 @@ FAST_POLICY = {
     "error_handling": {"base_delay": 0.01, "max_delay": 0.05, "deadline": 15},
     # Background probes would add requests that tests count; the failover tests turn them on.
     "health_check": {"interval": 0},
+    # A test that stops its proxy with requests still in flight need not wait the default 30 s for them.
+    "server": {"shutdown_grace": 1},
 }
 
 
