@@ -42,7 +42,7 @@ def shutdown_error(grace: float | None = None) -> ProxyError:
             f"seaking-proxy is shutting down: this request was still under way when the {grace:g} s grace period "
             f"(server.shutdown_grace) ended; the reply is incomplete. Try again when the proxy is back."
         )
-    return ProxyError(503, message, SHUTDOWN_CODE, short="seaking-proxy is shutting down")
+    return ProxyError(503, message, SHUTDOWN_CODE, type="api_error", short="seaking-proxy is shutting down")
 
 
 class ShutdownSignal:
