@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -128,7 +129,7 @@ class Settings:
         self._seen = version
         shared = self.shared
         reloading = shared.config is not None
-        kept = len({id(t) for t in failover.pool.targets} & {id(t) for t in shared.failover.pool.targets}) if shared.failover else 0
+        kept = len(_breakers(failover) & _breakers(shared.failover)) if shared.failover else 0
         if shared.models is None or shared.models.path != config.models_cache_path:
             shared.models = ModelListStore(config.models_cache_path)
         shared.config, shared.failover = config, failover  # together: a request sees the old pair or the new one
@@ -138,13 +139,18 @@ class Settings:
         return message
 
 
+def _breakers(failover: Failover) -> set[int]:
+    return {id(t.breaker) for t in failover.pool.targets}
+
+
 def config_path() -> Path:
     return Path(ctx.options.seaking_config or DEFAULT_CONFIG_PATH)
 
 
 def build_failover(config: Config, modes: list[str], previous: Failover | None = None) -> Failover:
-    """The targets, budget and fallbacks of `config`. A target that `previous` had too (same URL, key and proxy) is
-    kept as it is, with its breaker and statistics; only its weight and breaker settings follow the config."""
+    """The targets, budget and fallbacks of `config`. A target that `previous` had too (the same URL through the same
+    proxy) keeps its circuit breaker and statistics: a new key or weight does not change how the upstream is doing.
+    Its Target object is a new one all the same, so that requests under way keep the key they started with."""
     primary = config.target_proxy.url or reverse_target(modes)
     if primary is None:
         raise ConfigError("seaking-proxy needs an upstream: run mitmproxy with --mode reverse:<url>, or set target_proxy.url")
@@ -154,25 +160,23 @@ def build_failover(config: Config, modes: list[str], previous: Failover | None =
         proxies = [proxy_for(url, proxy) for url, _, _, proxy in sections]
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    reusable: dict[tuple, list[Target]] = {}
+    earlier: dict[tuple, list[Target]] = {}
     for target in previous.pool.targets if previous else ():
-        reusable.setdefault(_identity(target), []).append(target)
-    breaker = config.circuit_breaker
+        earlier.setdefault((target.base_url, target.proxy), []).append(target)
+    settings = config.circuit_breaker
     targets = []
     for (url, api_key, weight, _), proxy in zip(sections, proxies):
-        kept = reusable.get((url, api_key, proxy), [])
-        target = kept.pop(0) if kept else Target(url, api_key, weight, CircuitBreaker(breaker.failure_threshold, breaker.open_seconds), proxy)
-        target.weight = weight
-        target.breaker.failure_threshold, target.breaker.open_seconds = breaker.failure_threshold, breaker.open_seconds
+        same = earlier.get((url, proxy))
+        if same:
+            target = dataclasses.replace(same.pop(0), api_key=api_key, weight=weight)
+            target.breaker.failure_threshold, target.breaker.open_seconds = settings.failure_threshold, settings.open_seconds
+        else:
+            target = Target(url, api_key, weight, CircuitBreaker(settings.failure_threshold, settings.open_seconds), proxy)
         targets.append(target)
     # The retry budget counts the traffic of the last seconds: it carries over too.
     budget = previous.budget if previous and previous.budget else RetryBudget(0, 0)
     budget.percent, budget.min_per_second = config.retry_budget.percent, config.retry_budget.min_per_second
     return Failover(TargetPool(targets, config.load_balancing), budget, config.model_fallbacks)
-
-
-def _identity(target: Target) -> tuple:
-    return target.base_url, target.api_key, target.proxy
 
 
 def reverse_target(modes: list[str]) -> str | None:
