@@ -128,6 +128,8 @@ def classify_exception(exc: BaseException) -> Classification:
         return Classification(Verdict.RETRY, f"proxy answered {exc.status} {exc.message} to CONNECT", Failure.NETWORK)
     if isinstance(exc, (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)):
         return Classification(Verdict.RETRY, f"SOCKS proxy: {exc}", Failure.NETWORK)
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return Classification(Verdict.RETRY, "SOCKS proxy: it closed the connection during its handshake", Failure.NETWORK)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return Classification(
             Verdict.RETRY, f"cannot connect to upstream {exc.host}:{exc.port} ({_reason(exc)})", Failure.NETWORK

@@ -14,6 +14,8 @@ kinds. A proxy's credentials stay in its URL, in memory: `shown` is what logs, t
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import urllib.request
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -23,8 +25,11 @@ import aiohttp_socks
 
 SCHEMES = ("http", "https", "socks5", "socks5h")
 _DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
-# What aiohttp-socks raises when a SOCKS proxy refuses, fails or times out (they are not aiohttp's ClientErrors).
-SOCKS_ERRORS = (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)
+# What aiohttp-socks raises when a SOCKS proxy refuses, fails or times out (they are not aiohttp's ClientErrors), and
+# what escapes from it when the proxy closes the connection in the middle of its handshake.
+SOCKS_ERRORS = (
+    aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError, asyncio.IncompleteReadError
+)
 
 
 def shown_url(url: str) -> str:
@@ -85,13 +90,22 @@ class OutboundProxy:
             ttl_dns_cache=60,
         )
 
-    def request_options(self) -> dict:
-        """aiohttp's per-request arguments for an HTTP(S) proxy; nothing for SOCKS (its connector does the work)."""
+    def request_options(self, url: str, headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], dict]:
+        """The headers and aiohttp's per-request arguments for a request to `url` through this proxy. SOCKS needs
+        none (its connector does the work). An HTTP(S) proxy's credentials go with the CONNECT of an https:// request,
+        and in a plain http:// request itself, which the proxy reads (aiohttp 3.14 deprecates proxy_auth, which did
+        both, and older versions lack its replacement)."""
         if self.is_socks:
-            return {}
+            return headers, {}
+        options: dict = {"proxy": self.shown}
         parts = urlsplit(self.url)
-        auth = aiohttp.BasicAuth(unquote(parts.username), self.password or "") if parts.username else None
-        return {"proxy": self.shown, "proxy_auth": auth}
+        if parts.username:
+            credentials = base64.b64encode(f"{unquote(parts.username)}:{self.password or ''}".encode()).decode()
+            if url.startswith("https:"):
+                options["proxy_headers"] = {"Proxy-Authorization": f"Basic {credentials}"}
+            else:
+                headers = [*headers, ("Proxy-Authorization", f"Basic {credentials}")]
+        return headers, options
 
 
 def direct_connector() -> aiohttp.TCPConnector:

@@ -130,10 +130,13 @@ class UpstreamClient:
             )
         return session
 
-    def request(self, target: Target, method: str, url: str, **kwargs):
+    def request(self, target: Target, method: str, url: str, headers: list[tuple[str, str]], **kwargs):
         """aiohttp's request, through the target's outbound proxy if it has one."""
         proxy = target.proxy
-        return self.session(proxy).request(method, url, **(proxy.request_options() if proxy else {}), **kwargs)
+        if proxy is not None:
+            headers, options = proxy.request_options(url, headers)
+            kwargs.update(options)
+        return self.session(proxy).request(method, url, headers=headers, **kwargs)
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
@@ -286,7 +289,7 @@ class UpstreamClient:
     async def probe(self, target: Target, policy: RetryPolicy) -> None:
         """A health check: GET <base>/models with the target's key. Any answer that is not worth a retry counts as
         healthy (a 401 still means the target is up); the result goes to the target's breaker and status."""
-        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        headers = [("Authorization", f"Bearer {target.api_key}")] if target.api_key else []
         started = time.monotonic()
         try:
             async with asyncio.timeout(policy.per_try_timeout):

@@ -113,8 +113,11 @@ async def start_proxy(
 class Mitmdump:
     """The command users run, `mitmdump -s addon.py ...`, as a subprocess listening on 127.0.0.1."""
 
-    def __init__(self, *args: str, env: dict | None = None, cwd: Path | None = None, port: int = 0) -> None:
-        self.args = [str(MITMDUMP), "-s", str(ROOT / "addon.py"), "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
+    def __init__(
+        self, *args: str, env: dict | None = None, cwd: Path | None = None, port: int = 0, addon: bool = True
+    ) -> None:
+        script = ["-s", str(ROOT / "addon.py")] if addon else []  # without it: plain mitmproxy (an outbound proxy)
+        self.args = [str(MITMDUMP), *script, "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.process: asyncio.subprocess.Process | None = None
