@@ -2,9 +2,9 @@
 
 The `seaking_config` option names the file (config.yaml beside addon.py by default); a file that does not validate
 stops start-up with a message naming the key (raised as OptionsError, which mitmproxy reports and exits on).
-While the proxy runs, the file is reloaded when it changes (checked twice a second, mitmproxy's own idiom for a
-script's file), by the `seaking.reload` command, and when the option itself changes (mitmweb's Options editor). A file
-that does not validate then changes nothing: its error is logged once, and the proxy goes on with the config it has.
+While the proxy runs, the file is reloaded when it changes (a polling task, as mitmproxy watches its scripts, but twice
+a second), by the `seaking.reload` command, and when the option itself changes (mitmweb's Options editor). A file that
+does not validate then changes nothing: its error is logged once, and the proxy goes on with the config it has.
 """
 
 from __future__ import annotations

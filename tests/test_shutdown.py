@@ -168,3 +168,18 @@ async def test_with_nothing_in_flight_it_exits_at_once(mitmdump, upstream, clien
     proxy.process.send_signal(signal.SIGTERM)
     assert await exits(proxy) == 0
     assert time.monotonic() - signalled < 5
+
+
+async def test_in_process_a_waiting_models_request_gets_the_503_and_no_addon_fails(proxy_factory, upstream, client, caplog):
+    """The same drain when mitmproxy runs in this process (master.shutdown(), as mitmweb's and the console's quit do)."""
+    proxy = await proxy_factory({"server": {"shutdown_grace": 0.3}})
+    upstream.always("models", Hang())
+    waiting = asyncio.create_task(call(client, "GET", proxy.url + "/v1/models"))
+    await until(lambda: len(upstream.received) == 1)
+    proxy.master.shutdown()
+    answer = await waiting
+    assert (answer.status, answer.error["code"]) == (503, SHUTDOWN_CODE)
+    async with asyncio.timeout(10):
+        await proxy.task
+    assert proxy.flows[-1].metadata["seaking"]["ended_early"] == SHUTDOWN_CODE
+    assert "Addon error" not in caplog.text
