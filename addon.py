@@ -13,21 +13,25 @@ from seaking.exchange import Exchange
 from seaking.flow_notes import FlowNotes
 from seaking.guard import AccessGuard
 from seaking.health import HealthChecks
+from seaking.metrics import Metrics
 from seaking.models_cache import ModelsCache
 from seaking.replays import Replays
 from seaking.settings import Settings
 from seaking.shared import Shared
+from seaking.shutdown import GracefulShutdown
 from seaking.status import StatusEndpoint
 
 
 def pipeline() -> list:
     shared = Shared()
     return [
-        Settings(shared),  # config.yaml into `shared`; mitmproxy options the proxy needs
+        GracefulShutdown(shared),  # done: requests in flight may finish before the addons below close their parts
+        Settings(shared),  # config.yaml into `shared` and its reloads; mitmproxy options the proxy needs
         Replays(shared),  # requestheaders: a replayed flow starts afresh; request: refused if its client's key is gone
         shared.redaction,  # requestheaders: the client's keys off the flow, kept in memory for its exchange and replays
         AccessGuard(shared),  # requestheaders: access key, body size; request: the body is a JSON object
         StatusEndpoint(shared),  # request: GET /_seaking/status; the seaking.status command
+        Metrics(shared),  # request: GET /_seaking/metrics; response, error: each client request counted as it ends
         Exchange(shared),  # request: routing, attempts and retries upstream, the answer (streams: via the relay)
         ModelsCache(shared),  # request: keep good /models lists; answer from them when the upstream is down
         FlowNotes(),  # response, error: mark and comment for mitmweb, the attempt history in the log

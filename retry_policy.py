@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import aiohttp
+import aiohttp_socks
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, stop_before_delay
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -123,11 +124,18 @@ def classify_exception(exc: BaseException) -> Classification:
     """Judge an attempt that raised before a complete answer arrived. Unknown exceptions are bugs: re-raised."""
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return Classification(Verdict.RETRY, "no response from upstream in time", Failure.TIMEOUT)
+    # An outbound proxy that refuses, resets or cannot reach the upstream fails the attempt like the network would.
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return Classification(Verdict.RETRY, f"cannot connect to proxy {exc.host}:{exc.port} ({_reason(exc)})", Failure.NETWORK)
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return Classification(Verdict.RETRY, f"proxy answered {exc.status} {exc.message} to CONNECT", Failure.NETWORK)
+    if isinstance(exc, (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)):
+        return Classification(Verdict.RETRY, f"SOCKS proxy: {exc}", Failure.NETWORK)
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return Classification(Verdict.RETRY, "SOCKS proxy: it closed the connection during its handshake", Failure.NETWORK)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        reason = os.strerror(os_error.errno) if os_error and os_error.errno else str(os_error or exc)
         return Classification(
-            Verdict.RETRY, f"cannot connect to upstream {exc.host}:{exc.port} ({reason})", Failure.NETWORK
+            Verdict.RETRY, f"cannot connect to upstream {exc.host}:{exc.port} ({_reason(exc)})", Failure.NETWORK
         )
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return Classification(Verdict.RETRY, "upstream closed the connection without answering", Failure.NETWORK)
@@ -138,6 +146,11 @@ def classify_exception(exc: BaseException) -> Classification:
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return Classification(Verdict.RETRY, f"network error talking to upstream ({exc})", Failure.NETWORK)
     raise exc
+
+
+def _reason(exc: aiohttp.ClientConnectorError) -> str:
+    os_error = exc.os_error
+    return os.strerror(os_error.errno) if os_error and os_error.errno else str(os_error or exc)
 
 
 def error_message(document: Mapping) -> str:

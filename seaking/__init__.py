@@ -2,11 +2,13 @@
 where each thing happens. Each addon module holds one small mitmproxy addon class and the pure helpers it uses.
 
 Addons (mitmproxy hooks):
-  settings.py ........ Settings: the seaking_config option, config.yaml into the shared state, connection_strategy
+  shutdown.py ........ GracefulShutdown: on SIGINT/SIGTERM, requests in flight may finish for server.shutdown_grace
+  settings.py ........ Settings: the seaking_config option, config.yaml into the shared state and its reloads
   replays.py ......... Replays: mitmweb's Replay of a client flow starts afresh; refused if its client's key is gone
   redaction.py ....... Redaction: the client's keys off every flow from its first hook; scrubbing error text
   guard.py ........... AccessGuard: access key and body size before the body is read; the JSON body
   status.py .......... StatusEndpoint: GET /_seaking/status and the seaking.status command
+  metrics.py ......... Metrics: GET /_seaking/metrics for Prometheus, from the flows' records and the targets
   exchange.py ........ Exchange: a request routed, retried and answered (whole, or handed to the relay)
   models_cache.py .... ModelsCache: /models answered from the last good list when the upstream is down
   flow_notes.py ...... FlowNotes: the mark and the attempt history mitmweb shows for a flow
@@ -20,6 +22,7 @@ Libraries (no hooks):
   config.py .......... config.yaml: schema, validation, errors that name the key
   routing.py ......... which upstream URL a client path maps to
   upstream.py ........ the exchange itself: attempts over targets and fallback models, one aiohttp request each
+  outbound.py ........ outbound proxies (HTTP, HTTPS, SOCKS5): which one a target goes through, and how
   targets.py ......... circuit breakers, load balancing, the per-request order of targets
   streaming.py ....... SSE: the first event, heartbeats, piping with the idle timeout, every stream ended cleanly
   answers.py ......... the client's answer once the exchange is over: passed on, or why the proxy gave up

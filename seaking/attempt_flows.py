@@ -104,6 +104,7 @@ def attempt_summary(attempt: UpstreamAttempt, secrets: set[str], wait_before: fl
         "target": attempt.target.host if attempt.target else None,
         "model": attempt.model,
         "verdict": attempt.classification.verdict.value,
+        "failure": attempt.classification.failure.value if attempt.classification.failure else None,
         "detail": scrub(attempt.classification.detail, secrets),
         "seconds": round(attempt.elapsed, 3),
         "wait_before": wait_before,

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from retry_policy import RetryPolicy
+from seaking.outbound import proxy_problem
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"  # beside addon.py
 ENV_API_KEY = "SEAKING_API_KEY"
@@ -45,6 +46,7 @@ class TargetProxySection:
     retry_delay: float | None = field(default=None, metadata=_range(low=0))
     retry_backoff: float = field(default=2, metadata=_range(low=1))
     weight: float = field(default=1, metadata=_range(low=0))  # with load_balancing: weighted
+    proxy: str | None = None  # http://, https://, socks5:// or socks5h:// proxy; else HTTPS_PROXY etc. (outbound.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ErrorHandlingSection:
 class ServerSection:
     access_key: str | None = None
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_range(low=1))
+    shutdown_grace: float = field(default=30, metadata=_range(low=0))  # seconds requests in flight may finish
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class TargetSection:
     url: str
     api_key: str | None = None
     weight: float = field(default=1, metadata=_range(low=0))
+    proxy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,11 @@ def _check_relations(config: Config) -> None:
             raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, got {url!r}")
         if parts.query or parts.fragment:
             raise ConfigError(f"{key}: must not have a query or fragment, got {url!r}")
+    proxies = [("target_proxy.proxy", config.target_proxy.proxy)] + [(f"targets[{i}].proxy", t.proxy) for i, t in enumerate(config.targets)]
+    for key, proxy in proxies:
+        problem = proxy_problem(proxy) if proxy is not None else None
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
     for model, fallbacks in config.model_fallbacks.items():
         if model in fallbacks:
             raise ConfigError(f"model_fallbacks.{model}: a model cannot be its own fallback")

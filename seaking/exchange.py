@@ -20,6 +20,7 @@ from mitmproxy.connection import ConnectionState
 from retry_policy import Outcome, Verdict
 from seaking.answers import failure_in_stream, final_answer, forwardable_headers
 from seaking.attempt_flows import attempt_summary, waits_before
+from seaking.config import Config
 from seaking.dialects import Dialect, dialect_for
 from seaking.errors import ProxyError
 from seaking.flows import is_answered, is_client_flow, is_replay, record, show_upstream
@@ -27,7 +28,7 @@ from seaking.redaction import scrub, scrub_response
 from seaking.relay import RelayJob
 from seaking.routing import Route, route
 from seaking.streaming import LiveStream, client_stream
-from seaking.upstream import UpstreamAttempt, UpstreamRequest
+from seaking.upstream import Failover, UpstreamAttempt, UpstreamRequest
 
 logger = logging.getLogger("seaking")
 
@@ -49,20 +50,22 @@ class Exchange:
         if not is_client_flow(flow) or is_answered(flow):
             return
         secrets = self.shared.redaction.client_secrets(flow) | self.shared.configured_secrets()
-        answer = await self._answer(flow, secrets)
+        # A config reload while this request runs changes nothing for it: it keeps the config and targets it began with.
+        answer = await self._answer(flow, self.shared.config, self.shared.failover, secrets)
         if answer is None:
             return  # a streaming answer: mitmproxy fetches it from the relay
         if answer.status_code >= 400:
             scrub_response(answer, secrets)
         flow.response = answer
 
-    async def _answer(self, flow: http.HTTPFlow, secrets: set[str]) -> http.Response | None:
+    async def _answer(
+        self, flow: http.HTTPFlow, config: Config, failover: Failover, secrets: set[str]
+    ) -> http.Response | None:
         """The answer for the client, or None when the flow was handed to the relay for a streaming answer."""
-        config = self.shared.config
         request = flow.request
         flow_record = record(flow)
         client_path = request.path
-        primary = route(self.shared.failover.pool.targets[0].base_url, client_path)  # URLs come per attempt
+        primary = route(failover.pool.targets[0].base_url, client_path)  # URLs come per attempt
         api = dialect_for(primary.endpoint, request.headers)  # the shape of every error and stream ending we make
         flow_record.update(endpoint=primary.endpoint, client_path=client_path)
         wants_stream = flow_record.get("stream") is True
@@ -80,18 +83,23 @@ class Exchange:
                     model=flow_record.get("model"),
                     first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
                 ),
-                self.shared.failover,
-                on_retry=lambda last, number, wait: self._log_retry(request.method, last, number, wait, secrets),
+                failover,
+                on_retry=lambda last, number, wait: self._log_retry(config, request.method, last, number, wait, secrets),
                 on_attempt=lambda attempt: self.shared.attempt_flows.note(flow, attempt, secrets),
             )
         )
         heartbeat_after = config.streaming.heartbeat_interval if wants_stream else None
-        if not await _while_client_waits(flow, exchange, heartbeat_after):
+        grace_over = self.shared.shutdown.grace_over
+        if not await _while_client_waits(flow, exchange, heartbeat_after, grace_over):
             if _client_left(flow):
                 exchange.cancel()  # nobody to answer: stop spending upstream work on it
                 flow.kill()
                 return None
-            await self._stream_with_heartbeats(flow, primary, api, exchange, started, secrets)
+            if grace_over.done():  # the proxy is shutting down and this request has had its time
+                exchange.cancel()
+                flow_record.update(ended_early=grace_over.result().code, answered_by="seaking-proxy", status=503)
+                return api.error_response(grace_over.result())
+            await self._stream_with_heartbeats(flow, config, primary, api, exchange, started, secrets)
             return None
         outcome, history = await exchange
         last = outcome.last
@@ -99,7 +107,9 @@ class Exchange:
         if last.stream is not None:
             self._record(flow, outcome, history, started, secrets, proxy_made=False, status=last.status)
             headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
-            await self._relay(flow, answered_from, api, last.status, headers, _resolved(last.stream), reason=last.reason)
+            await self._relay(
+                flow, config, answered_from, api, last.status, headers, _resolved(last.stream), reason=last.reason
+            )
             return None
         # Show the true upstream in mitmweb and recordings.
         show_upstream(flow, answered_from.url)
@@ -110,7 +120,14 @@ class Exchange:
         return answer
 
     async def _stream_with_heartbeats(
-        self, flow: http.HTTPFlow, primary: Route, api: Dialect, exchange: asyncio.Task, started: float, secrets: set[str]
+        self,
+        flow: http.HTTPFlow,
+        config: Config,
+        primary: Route,
+        api: Dialect,
+        exchange: asyncio.Task,
+        started: float,
+        secrets: set[str],
     ) -> None:
         """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
         with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
@@ -127,14 +144,15 @@ class Exchange:
                 replay = api.whole_as_stream(last.body)  # the upstream ignored "stream": true
                 if replay is not None:
                     return replay
-            error = failure_in_stream(outcome, self.shared.config.retry, time.time() - started)
+            error = failure_in_stream(outcome, config.retry, time.time() - started)
             return dataclasses.replace(error, message=scrub(error.message, secrets))
 
-        await self._relay(flow, primary, api, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
+        await self._relay(flow, config, primary, api, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
 
     async def _relay(
         self,
         flow: http.HTTPFlow,
+        config: Config,
         target: Route,
         api: Dialect,
         status: int,
@@ -144,7 +162,7 @@ class Exchange:
         reason: str | None = None,
     ) -> None:
         """Hand the flow to the relay, which sends status and headers, then the stream `outcome` resolves to."""
-        streaming = self.shared.config.streaming
+        streaming = config.streaming
 
         def release() -> None:
             for task in (outcome, exchange):
@@ -165,6 +183,7 @@ class Exchange:
             idle_timeout=streaming.idle_timeout,
             api=api,
             on_problem=report,
+            stop=self.shared.shutdown.grace_over,
         )
         await self.shared.relay.serve(flow, RelayJob(status, headers, body, on_close=release), shown_url=target.url)
 
@@ -183,14 +202,17 @@ class Exchange:
             attempts=[attempt_summary(a, secrets, wait) for a, wait in zip(history, waits_before(history))],
             elapsed=round(time.time() - started, 3),
             verdict=outcome.last.classification.verdict.value,
+            stopped=outcome.stopped.value,
             answered_by="seaking-proxy" if proxy_made else "upstream",
             status=status,
         )
 
-    def _log_retry(self, method: str, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]) -> None:
+    def _log_retry(
+        self, config: Config, method: str, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]
+    ) -> None:
         where = last.target.host if last.target else "upstream"
         logger.info(
-            f"{method} {where}: attempt {number} of at most {self.shared.config.retry.max_attempts} failed: "
+            f"{method} {where}: attempt {number} of at most {config.retry.max_attempts} failed: "
             f"{scrub(last.classification.detail, secrets)}; retrying in {wait:.1f} s"
         )
 
@@ -213,16 +235,18 @@ def _client_left(flow: http.HTTPFlow) -> bool:
     return not is_replay(flow) and not flow.client_conn.state & ConnectionState.CAN_READ
 
 
-async def _while_client_waits(flow: http.HTTPFlow, task: asyncio.Task, timeout: float | None) -> bool:
-    """Wait for `task` for at most `timeout` seconds (None: no limit), but no longer than the client stays.
-    True when the task is done."""
+async def _while_client_waits(
+    flow: http.HTTPFlow, task: asyncio.Task, timeout: float | None, grace_over: asyncio.Future
+) -> bool:
+    """Wait for `task` for at most `timeout` seconds (None: no limit), but no longer than the client stays or the
+    shutdown's grace period lasts. True when the task is done."""
     loop = asyncio.get_running_loop()
     until = None if timeout is None else loop.time() + timeout
-    while not task.done() and not _client_left(flow):
+    while not task.done() and not _client_left(flow) and not grace_over.done():
         step = CLIENT_CHECK_SECONDS if until is None else min(CLIENT_CHECK_SECONDS, until - loop.time())
         if step <= 0:
             break
-        await asyncio.wait({task}, timeout=step)
+        await asyncio.wait({task, grace_over}, timeout=step, return_when=asyncio.FIRST_COMPLETED)
     return task.done()
 
 

@@ -4,18 +4,22 @@ The record lives in `flow.metadata["seaking"]`, mitmproxy's own place for per-fl
 there): it travels with the flow, is saved in `-w` recordings and can be filtered with `~meta`. So it holds plain data
 only, and never a key. Its fields, each set by one addon:
 
-    refused        AccessGuard   the error code of a request refused before its body was read
+    refused        AccessGuard   the error code of a request refused before its body was read (GracefulShutdown:
+                                 proxy_shutdown, for a request that arrived during a shutdown)
     endpoint       Exchange      "chat/completions", "models", ... (None for other paths)
     client_path    Exchange      the path as the client sent it (the flow's URL shows the true upstream)
-    attempts       Exchange      one dict per upstream attempt: label, status, target, model, verdict, detail, seconds,
+    attempts       Exchange      one dict per upstream attempt: label, status, target, model, verdict, failure (what
+                                 failed in a retried attempt: status, network, timeout, broken), detail, seconds,
                                  wait_before (seconds since the attempt before it ended); AttemptFlows adds "flow",
                                  the id of the attempt's own flow
     elapsed        Exchange      seconds from the request to the answer (or to the stream's start)
     verdict        Exchange      the last attempt's verdict: success, pass_through, fail_fast or retry
+    stopped        Exchange      why the attempts stopped: answered, attempts, deadline or budget (retry_policy.StopReason)
     answered_by    Exchange      "upstream" or "seaking-proxy"; ModelsCache: "models cache" or "models fallback"
     status         Exchange      the status the client got
     stream_error   Exchange      the error code a stream was ended with
     heartbeats     Exchange      True when a stream was answered 200 with heartbeats before the upstream answered
+    ended_early    Exchange      the error code a request was answered with before its exchange was over (proxy_shutdown)
 
 An attempt flow (one upstream attempt, shown beside its client's flow; attempt_flows.py) has its own record:
 

@@ -144,7 +144,7 @@ class ModelsCache:
         flow_record = flow.metadata.get(RECORD_KEY, {})
         if not is_client_flow(flow) or flow.response is None or flow_record.get("endpoint") != MODELS_ENDPOINT:
             return
-        verdict = flow_record["verdict"]
+        verdict = flow_record.get("verdict")  # none for a request the shutdown ended early
         if verdict == "success":
             if is_models_list(flow.response.content):
                 self.shared.models.put(flow.request.url, flow.response.content)

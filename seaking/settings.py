@@ -2,36 +2,61 @@
 
 The `seaking_config` option names the file (config.yaml beside addon.py by default); a file that does not validate
 stops start-up with a message naming the key (raised as OptionsError, which mitmproxy reports and exits on).
+While the proxy runs, the file is reloaded when it changes (a polling task, as mitmproxy watches its scripts, but twice
+a second), by the `seaking.reload` command, and when the option itself changes (mitmweb's Options editor). A file that
+does not validate then changes nothing: its error is logged once, and the proxy goes on with the config it has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ipaddress
+import logging
+from pathlib import Path
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import command, ctx, exceptions
 from mitmproxy.proxy import mode_specs
 
 from retry_policy import RetryBudget
 from seaking.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from seaking.models_cache import ModelListStore
+from seaking.outbound import proxy_for
 from seaking.targets import CircuitBreaker, Target, TargetPool
 from seaking.upstream import Failover
 
+logger = logging.getLogger("seaking")
+
+
+# How often the config file is checked for changes: an edit takes effect within about a second.
+RELOAD_CHECK_SECONDS = 0.5
+
+
+def file_version(path: Path) -> bytes | None:
+    """What the config file holds now (None: it cannot be read). A few hundred bytes: comparing them catches every
+    change, even one within the file system's mtime resolution, and ignores a save that changed nothing."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
 
 class Settings:
-    """mitmproxy addon: the seaking_config option, and the mitmproxy options the proxy depends on."""
+    """mitmproxy addon: the seaking_config option and its reloads, and the mitmproxy options the proxy depends on."""
 
     name = "seaking.settings"  # every addon of the proxy is named seaking.*: addon names share one namespace
 
     def __init__(self, shared) -> None:
         self.shared = shared
+        self._seen: bytes | None = None  # the version of the file last loaded, or last refused
+        self._watcher: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
-            "seaking_config", str, "", f"seaking-proxy config file (YAML or JSON). Default: {DEFAULT_CONFIG_PATH}"
+            "seaking_config", str, "",
+            f"seaking-proxy config file (YAML or JSON), reloaded when it changes. Default: {DEFAULT_CONFIG_PATH}",
         )
         if "store_streamed_bodies" not in loader.master.options:  # mitmproxy 12 has it built in, 11 does not
             loader.add_option(
@@ -46,22 +71,15 @@ class Settings:
     def configure(self, updated: set[str]) -> None:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
-        shared = self.shared
-        if "seaking_config" in updated or shared.config is None:
-            path = ctx.options.seaking_config or DEFAULT_CONFIG_PATH
+        if updated & {"seaking_config", "mode", "listen_host"} or self.shared.config is None:
+            # A bad file or path raises, and mitmproxy rolls the option back (mitmweb's Options editor too).
             try:
-                shared.config = load_config(path)
+                self._load(config_path())
             except ConfigError as e:
-                raise exceptions.OptionsError(f"seaking-proxy config {path}: {e}") from None
-            shared.models = ModelListStore(shared.config.models_cache_path)
-        if updated & {"seaking_config", "mode"} or shared.failover is None:
-            shared.failover = build_failover(shared.config, ctx.options.mode)
-        if updated & {"seaking_config", "listen_host", "mode"}:
-            problem = exposure_problem(shared.config, ctx.options.listen_host, ctx.options.mode)
-            if problem:
-                raise exceptions.OptionsError(problem)
+                raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         # What is loaded by now (mitmproxy, aiohttp, this addon) lives as long as the process. Freezing it keeps it out
         # of every later full garbage collection, which would otherwise walk it while streams wait: 50-90 ms pauses of
         # the event loop under 100 streams (measured with py-spy and GC callbacks).
@@ -69,25 +87,95 @@ class Settings:
         gc.freeze()
 
     def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         # done must stay synchronous (script reload calls it so); the sockets close on the loop.
         with contextlib.suppress(RuntimeError):  # no loop left at interpreter exit
             asyncio.get_running_loop().create_task(self.shared.upstream.close())
 
+    @command.command("seaking.reload")
+    def reload_command(self) -> str:
+        """Read the seaking-proxy config file again now (it is also reloaded by itself when it changes)."""
+        try:
+            return self._load(config_path())
+        except ConfigError as e:
+            raise exceptions.CommandError(str(e)) from None
 
-def build_failover(config: Config, modes: list[str]) -> Failover:
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_CHECK_SECONDS)
+            path = config_path()
+            if file_version(path) != self._seen:
+                with contextlib.suppress(ConfigError):  # logged; the running config stays
+                    self._load(path)
+
+    def _load(self, path: Path) -> str:
+        """Load the config file into the shared state, or change nothing and raise ConfigError (logged once per
+        version of the file). Requests already under way keep what they started with: the exchange takes the config
+        and the targets once, at its start. Targets still configured keep their breaker and statistics."""
+        version = file_version(path)
+        try:
+            config = load_config(path)
+            problem = exposure_problem(config, ctx.options.listen_host, ctx.options.mode)
+            if problem:
+                raise ConfigError(problem)
+            failover = build_failover(config, ctx.options.mode, previous=self.shared.failover)
+        except ConfigError as e:
+            error = ConfigError(f"seaking-proxy config {path}: {e}")
+            if self.shared.config is not None and version != self._seen:
+                logger.error(f"{error}; still running on the config loaded before")
+            self._seen = version
+            raise error from None
+        self._seen = version
+        shared = self.shared
+        reloading = shared.config is not None
+        kept = len(_breakers(failover) & _breakers(shared.failover)) if shared.failover else 0
+        if shared.models is None or shared.models.path != config.models_cache_path:
+            shared.models = ModelListStore(config.models_cache_path)
+        shared.config, shared.failover = config, failover  # together: a request sees the old pair or the new one
+        message = f"seaking-proxy config {path} loaded: {len(failover.pool.targets)} target(s), {kept} kept with their state"
+        if reloading:
+            logger.info(message)
+        return message
+
+
+def _breakers(failover: Failover) -> set[int]:
+    return {id(t.breaker) for t in failover.pool.targets}
+
+
+def config_path() -> Path:
+    return Path(ctx.options.seaking_config or DEFAULT_CONFIG_PATH)
+
+
+def build_failover(config: Config, modes: list[str], previous: Failover | None = None) -> Failover:
+    """The targets, budget and fallbacks of `config`. A target that `previous` had too (the same URL through the same
+    proxy) keeps its circuit breaker and statistics: a new key or weight does not change how the upstream is doing.
+    Its Target object is a new one all the same, so that requests under way keep the key they started with."""
     primary = config.target_proxy.url or reverse_target(modes)
     if primary is None:
-        raise exceptions.OptionsError(
-            "seaking-proxy needs an upstream: run mitmproxy with --mode reverse:<url>, or set target_proxy.url"
-        )
-    breaker = config.circuit_breaker
-    sections = [(primary, config.target_proxy.api_key, config.target_proxy.weight)]
-    sections += [(t.url, t.api_key, t.weight) for t in config.targets]
-    targets = [
-        Target(url, api_key, weight, CircuitBreaker(breaker.failure_threshold, breaker.open_seconds))
-        for url, api_key, weight in sections
-    ]
-    budget = RetryBudget(config.retry_budget.percent, config.retry_budget.min_per_second)
+        raise ConfigError("seaking-proxy needs an upstream: run mitmproxy with --mode reverse:<url>, or set target_proxy.url")
+    sections = [(primary, config.target_proxy.api_key, config.target_proxy.weight, config.target_proxy.proxy)]
+    sections += [(t.url, t.api_key, t.weight, t.proxy) for t in config.targets]
+    try:
+        proxies = [proxy_for(url, proxy) for url, _, _, proxy in sections]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    earlier: dict[tuple, list[Target]] = {}
+    for target in previous.pool.targets if previous else ():
+        earlier.setdefault((target.base_url, target.proxy), []).append(target)
+    settings = config.circuit_breaker
+    targets = []
+    for (url, api_key, weight, _), proxy in zip(sections, proxies):
+        same = earlier.get((url, proxy))
+        if same:
+            target = dataclasses.replace(same.pop(0), api_key=api_key, weight=weight)
+            target.breaker.failure_threshold, target.breaker.open_seconds = settings.failure_threshold, settings.open_seconds
+        else:
+            target = Target(url, api_key, weight, CircuitBreaker(settings.failure_threshold, settings.open_seconds), proxy)
+        targets.append(target)
+    # The retry budget counts the traffic of the last seconds: it carries over too.
+    budget = previous.budget if previous and previous.budget else RetryBudget(0, 0)
+    budget.percent, budget.min_per_second = config.retry_budget.percent, config.retry_budget.min_per_second
     return Failover(TargetPool(targets, config.load_balancing), budget, config.model_fallbacks)
 
 

@@ -9,6 +9,7 @@ from seaking.config import Config
 from seaking.models_cache import ModelListStore
 from seaking.redaction import Redaction
 from seaking.relay import Relay
+from seaking.shutdown import ShutdownSignal
 from seaking.upstream import Failover, UpstreamClient
 
 
@@ -22,10 +23,13 @@ class Shared:
     redaction: Redaction = field(default_factory=Redaction)
     relay: Relay = field(default_factory=Relay)
     attempt_flows: AttemptFlows = field(default_factory=AttemptFlows)
-    # The aiohttp session (connection pool) every upstream request goes through.
+    # The aiohttp sessions (connection pools) every upstream request goes through.
     upstream: UpstreamClient = field(default_factory=UpstreamClient)
+    # Resolves when the shutdown's grace period is over: what is still in flight must end now.
+    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
 
     def configured_secrets(self) -> set[str]:
-        """The keys the proxy holds: never to be shown anywhere."""
+        """The keys (and proxy passwords) the proxy holds: never to be shown anywhere."""
         keys = [t.api_key for t in self.failover.pool.targets] + [self.config.server.access_key]
+        keys += [t.proxy.password for t in self.failover.pool.targets if t.proxy]
         return {k for k in keys if k}

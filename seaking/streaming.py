@@ -166,16 +166,22 @@ async def client_stream(
     idle_timeout: float,
     api: Dialect,
     on_problem: Callable[[ProxyError], None],
+    stop: asyncio.Future | None = None,
 ) -> AsyncIterator[bytes]:
     """The body the client receives once the proxy has committed to a streaming answer.
 
     `outcome` resolves to a LiveStream to pipe, a complete SSE body, or the ProxyError to report. Until it does, the
     client gets a heartbeat every heartbeat_interval, so that neither it nor anything between us closes an idle
-    connection.
+    connection. `stop` resolves to a ProxyError when the stream must end now (the proxy is shutting down).
     """
+    waits_for = {outcome} if stop is None else {outcome, stop}
     while not outcome.done():
+        if stop is not None and stop.done():
+            on_problem(stop.result())
+            yield api.error_event(stop.result()) + api.end_of_stream
+            return
         yield api.heartbeat
-        await asyncio.wait({outcome}, timeout=heartbeat_interval)
+        await asyncio.wait(waits_for, timeout=heartbeat_interval, return_when=asyncio.FIRST_COMPLETED)
     result = outcome.result()
     if isinstance(result, ProxyError):
         on_problem(result)
@@ -184,7 +190,7 @@ async def client_stream(
     if isinstance(result, bytes):  # a complete body, made from a non-streaming answer
         yield result
         return
-    async for chunk in _pipe(result, idle_timeout, on_problem):
+    async for chunk in _pipe(result, idle_timeout, on_problem, stop):
         yield chunk
 
 
@@ -223,11 +229,23 @@ class IdleWatchdog:
 
 
 async def _pipe(
-    live: LiveStream, idle_timeout: float, on_problem: Callable[[ProxyError], None]
+    live: LiveStream,
+    idle_timeout: float,
+    on_problem: Callable[[ProxyError], None],
+    stop: asyncio.Future | None = None,
 ) -> AsyncIterator[bytes]:
     problem = None
     watchdog = IdleWatchdog(live, idle_timeout)
     content = live.response.content
+    stopped_by: ProxyError | None = None
+
+    def stop_now(future: asyncio.Future) -> None:
+        nonlocal stopped_by
+        stopped_by = future.result()
+        live.close()  # the pending read fails at once
+
+    if stop is not None:
+        stop.add_done_callback(stop_now)
     try:
         if live.prefetched:
             yield live.prefetched
@@ -237,7 +255,7 @@ async def _pipe(
                 chunk = await content.readany()
                 watchdog.got_data()
             except (aiohttp.ClientError, OSError):
-                if not watchdog.fired:
+                if not watchdog.fired and stopped_by is None:
                     problem = ProxyError(
                         502, "Upstream connection dropped in the middle of the stream; the reply is incomplete.",
                         "stream_interrupted",
@@ -258,6 +276,8 @@ async def _pipe(
                 504, f"Upstream sent nothing for {idle_timeout:g} s in the middle of the stream; the reply is incomplete.",
                 "stream_idle_timeout",
             )
+        if stopped_by is not None:
+            problem = stopped_by
         tail, problem = live.watcher.ending(problem)
         if problem is not None:
             on_problem(problem)
@@ -265,6 +285,8 @@ async def _pipe(
             yield tail
     finally:
         watchdog.stop()
+        if stop is not None:
+            stop.remove_done_callback(stop_now)
         live.close()
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from seaking.outbound import OutboundProxy
+
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
@@ -67,6 +69,7 @@ class Target:
     api_key: str | None
     weight: float
     breaker: CircuitBreaker
+    proxy: OutboundProxy | None = None  # the outbound proxy its requests go through
     # What the status shows: results of live requests and health probes alike.
     requests: int = 0
     failures: int = 0
@@ -102,6 +105,7 @@ class Target:
         port = f":{parts.port}" if parts.port else ""
         return {
             "url": f"{parts.scheme}://{parts.hostname}{port}{parts.path}",
+            "proxy": self.proxy.shown if self.proxy else None,
             "state": self.state,
             "consecutive_failures": self.breaker.consecutive_failures,
             "requests": self.requests,

@@ -31,6 +31,7 @@ from retry_policy import (
     wait_unless,
 )
 from seaking.dialects import OPENAI, Dialect
+from seaking.outbound import SOCKS_ERRORS, OutboundProxy, direct_connector
 from seaking.redaction import redacted
 from seaking.routing import route
 from seaking.streaming import LiveStream, is_event_stream, read_first_event
@@ -43,7 +44,7 @@ _NOT_SENT_UPSTREAM = frozenset(
     {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding",
      "content-length", "accept-encoding", "upgrade", "te", "trailer"}
 )
-_UPSTREAM_NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+_UPSTREAM_NETWORK_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError, *SOCKS_ERRORS)
 
 
 def upstream_headers(client_headers: Iterable[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
@@ -137,25 +138,35 @@ class Failover:
 
 
 class UpstreamClient:
-    """Owns the aiohttp session (connection pool) shared by every exchange."""
+    """Owns the aiohttp sessions (connection pools) shared by every exchange: one direct, one per outbound proxy."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str | None, aiohttp.ClientSession] = {}  # proxy URL (None: direct) -> its session
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
+    def session(self, proxy: OutboundProxy | None = None) -> aiohttp.ClientSession:
+        key = proxy.url if proxy else None
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            session = self._sessions[key] = aiohttp.ClientSession(
                 # Timeouts are per attempt and per deadline (asyncio.timeout below), not aiohttp's.
                 timeout=aiohttp.ClientTimeout(total=None),
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+                connector=proxy.connector() if proxy else direct_connector(),
                 cookie_jar=aiohttp.DummyCookieJar(),  # clients' cookies pass in headers, never mixed between them
             )
-        return self._session
+        return session
+
+    def request(self, target: Target, method: str, url: str, headers: list[tuple[str, str]], **kwargs):
+        """aiohttp's request, through the target's outbound proxy if it has one."""
+        proxy = target.proxy
+        if proxy is not None:
+            headers, options = proxy.request_options(url, headers)
+            kwargs.update(options)
+        return self.session(proxy).request(method, url, headers=headers, **kwargs)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def exchange(
         self,
@@ -251,7 +262,7 @@ class UpstreamClient:
         url = route(target.base_url, request.path).url
         headers = upstream_headers(request.headers, target.api_key)
         started_at = time.time()
-        attempt = await self._request(policy, request, url, headers, body, deadline_at)
+        attempt = await self._request(policy, request, target, url, headers, body, deadline_at)
         attempt.sent = SentRequest(request.method, url, redacted(headers), body)
         attempt.started_at = started_at
         return attempt
@@ -260,6 +271,7 @@ class UpstreamClient:
         self,
         policy: RetryPolicy,
         request: UpstreamRequest,
+        target: Target,
         url: str,
         headers: list[tuple[str, str]],
         body: bytes,
@@ -268,8 +280,8 @@ class UpstreamClient:
         started = time.monotonic()
         try:
             async with asyncio.timeout(min(policy.per_try_timeout, deadline_at - started)):
-                response = await self.session().request(
-                    request.method, url, headers=headers, data=body or None, allow_redirects=False
+                response = await self.request(
+                    target, request.method, url, headers=headers, data=body or None, allow_redirects=False
                 )
         except _UPSTREAM_NETWORK_ERRORS as exc:
             return UpstreamAttempt(classify_exception(exc), time.monotonic() - started)
@@ -326,12 +338,12 @@ class UpstreamClient:
     async def probe(self, target: Target, policy: RetryPolicy) -> None:
         """A health check: GET <base>/models with the target's key. Any answer that is not worth a retry counts as
         healthy (a 401 still means the target is up); the result goes to the target's breaker and status."""
-        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        headers = [("Authorization", f"Bearer {target.api_key}")] if target.api_key else []
         started = time.monotonic()
         try:
             async with asyncio.timeout(policy.per_try_timeout):
-                async with self.session().get(
-                    route(target.base_url, "/v1/models").url, headers=headers, allow_redirects=False
+                async with self.request(
+                    target, "GET", route(target.base_url, "/v1/models").url, headers=headers, allow_redirects=False
                 ) as response:
                     body = await response.read()
             result = classify_response(policy, response.status, response.content_type, body, expects_json=True)

@@ -33,6 +33,8 @@ FAST_POLICY = {
     "error_handling": {"base_delay": 0.01, "max_delay": 0.05, "deadline": 15},
     # Background probes would add requests that tests count; the failover tests turn them on.
     "health_check": {"interval": 0},
+    # A test that stops its proxy with requests still in flight need not wait the default 30 s for them.
+    "server": {"shutdown_grace": 1},
 }
 
 
@@ -122,10 +124,17 @@ class Mitmdump:
     """The command users run, `mitmdump -s addon.py ...` (or `mitmweb`: program), as a subprocess on 127.0.0.1."""
 
     def __init__(
-        self, *args: str, env: dict | None = None, cwd: Path | None = None, port: int = 0, program: str = "mitmdump"
+        self,
+        *args: str,
+        env: dict | None = None,
+        cwd: Path | None = None,
+        port: int = 0,
+        program: str = "mitmdump",
+        addon: bool = True,
     ) -> None:
+        script = ["-s", str(ROOT / "addon.py")] if addon else []  # without it: plain mitmproxy (an outbound proxy)
         executable = MITMDUMP.with_name(program)
-        self.args = [str(executable), "-s", str(ROOT / "addon.py"), "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
+        self.args = [str(executable), *script, "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.process: asyncio.subprocess.Process | None = None

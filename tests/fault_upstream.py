@@ -350,10 +350,11 @@ class FaultyUpstream:
         self._always: dict[str, object] = {}
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def script(self, endpoint: str, *faults) -> None:
         """The next requests to `endpoint` (e.g. "chat/completions", "models") get these answers in order."""
@@ -369,13 +370,15 @@ class FaultyUpstream:
     def received_at(self, endpoint: str) -> list[Received]:
         return [r for r in self.received if r.path.split("?")[0].endswith("/" + endpoint)]
 
-    async def start(self, port: int = 0) -> str:
+    async def start(self, port: int = 0, ssl_context=None) -> str:
+        """Listen on 127.0.0.1 (with `ssl_context`, over TLS: an https:// upstream)."""
+        self.scheme = "https" if ssl_context else "http"
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # handler_cancellation: a client that leaves is noticed at once, as a real server's socket would be.
         self._runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        site = web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.url

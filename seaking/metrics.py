@@ -1,0 +1,166 @@
+"""Prometheus metrics: `GET /_seaking/metrics` on the proxy's port (behind the access key, if one is set).
+
+Made with prometheus_client. The facts come from each client flow's record once the flow is over (flows.py) and from
+the targets when Prometheus scrapes (targets.py): the exchange counts nothing itself. Labels carry API endpoints
+("chat/completions"), targets as host[:port] and a few fixed words: never a key, a prompt or a URL path.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from seaking.flows import RECORD_KEY, is_answered, is_client_flow
+from seaking.routing import route
+from seaking.shutdown import SHUTDOWN_CODE
+from seaking.streaming import is_event_stream
+
+METRICS_PATH = "/_seaking/metrics"
+OWN_PATHS = "/_seaking/"  # the proxy's own endpoints are not API requests
+# LLM answers take from a fraction of a second to minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+BREAKER_STATES = ("closed", "open", "half_open", "unknown")
+
+
+def request_outcome(flow_record: dict, failed: bool) -> str:
+    """How a client request ended, in one word. `failed`: the flow ended in an error (the client left, mostly)."""
+    if flow_record.get("refused"):
+        return "shutdown" if flow_record["refused"] == SHUTDOWN_CODE else "refused"
+    if SHUTDOWN_CODE in (flow_record.get("ended_early"), flow_record.get("stream_error")):
+        return "shutdown"
+    if failed:
+        return "client_left"
+    if flow_record.get("stream_error"):
+        return "stream_error"
+    if flow_record.get("answered_by") in ("models cache", "models fallback"):
+        return "models_cache"
+    verdict = flow_record.get("verdict")
+    if verdict is None:
+        return "refused"  # answered by the proxy before any attempt: a body that is not JSON, ...
+    return "gave_up" if verdict == "retry" else verdict  # success, pass_through, fail_fast
+
+
+def attempt_result(attempt: dict) -> str:
+    """success, pass_through, fail_fast; or what failed: http_<status>, network, timeout, broken."""
+    if attempt["verdict"] != "retry":
+        return attempt["verdict"]
+    if attempt.get("failure") == "status" and attempt.get("status"):
+        return f"http_{attempt['status']}"
+    return attempt.get("failure") or "unknown"
+
+
+def endpoint_of(flow: http.HTTPFlow, flow_record: dict) -> str:
+    endpoint = flow_record.get("endpoint") or route("http://any", flow.request.path).endpoint
+    return endpoint or "other"
+
+
+class Metrics:
+    """mitmproxy addon: counts client flows as they end; answers GET /_seaking/metrics."""
+
+    name = "seaking.metrics"
+
+    def __init__(self, shared) -> None:
+        self.shared = shared
+        # A registry of its own (not prometheus_client's global one): a script reload makes a fresh addon.
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "seaking_requests", "Client requests by API endpoint and how they ended.", ["endpoint", "outcome"], registry=registry
+        )
+        self.attempts = Counter(
+            "seaking_upstream_attempts", "Upstream attempts by target (host:port) and result.", ["target", "result"],
+            registry=registry,
+        )
+        self.retries = Counter("seaking_retries", "Upstream attempts after a request's first.", ["endpoint"], registry=registry)
+        self.give_ups = Counter(
+            "seaking_give_ups", "Requests whose every attempt failed, by why retrying stopped (attempts, deadline, budget).",
+            ["reason"], registry=registry,
+        )
+        self.budget_refusals = Counter(
+            "seaking_retry_budget_refusals", "Retries the retry budget refused (the request was answered with its failure).",
+            registry=registry,
+        )
+        self.first_byte = Histogram(
+            "seaking_time_to_first_byte_seconds",
+            "From a request to the upstream's answer, or to a stream's first event.",
+            ["endpoint", "stream"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.duration = Histogram(
+            "seaking_request_duration_seconds", "From a request to the end of its answer (a stream's last byte).",
+            ["endpoint", "stream"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self._streams: set[str] = set()  # ids of flows whose event stream is flowing to the client
+        Gauge("seaking_streams_in_flight", "Event streams flowing to clients now.", registry=registry).set_function(
+            lambda: len(self._streams)
+        )
+        registry.register(_TargetStates(shared))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not is_client_flow(flow) or is_answered(flow):
+            return
+        if flow.request.path == METRICS_PATH and flow.request.method == "GET":
+            flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if is_client_flow(flow) and is_event_stream(flow.response.headers.get("content-type", "")):
+            self._streams.add(flow.id)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._count(flow, failed=False)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._count(flow, failed=True)
+
+    def _count(self, flow: http.HTTPFlow, failed: bool) -> None:
+        self._streams.discard(flow.id)
+        if not is_client_flow(flow) or flow.request.path.startswith(OWN_PATHS):
+            return
+        flow_record = flow.metadata.get(RECORD_KEY, {})
+        endpoint = endpoint_of(flow, flow_record)
+        stream = "true" if flow_record.get("stream") else "false"
+        self.requests.labels(endpoint, request_outcome(flow_record, failed)).inc()
+        self.duration.labels(endpoint, stream).observe(max(0.0, time.time() - flow.request.timestamp_start))
+        attempts = flow_record.get("attempts") or []
+        for attempt in attempts:
+            self.attempts.labels(attempt["target"] or "none", attempt_result(attempt)).inc()
+        if len(attempts) > 1:
+            self.retries.labels(endpoint).inc(len(attempts) - 1)
+        if "elapsed" in flow_record:
+            self.first_byte.labels(endpoint, stream).observe(flow_record["elapsed"])
+        if flow_record.get("verdict") == "retry":
+            self.give_ups.labels(flow_record["stopped"]).inc()
+            if flow_record["stopped"] == "budget":
+                self.budget_refusals.inc()
+
+
+class _TargetStates:
+    """A prometheus_client collector: each target's breaker state, read when Prometheus scrapes."""
+
+    def __init__(self, shared) -> None:
+        self.shared = shared
+
+    def describe(self):
+        return self._families([])
+
+    def collect(self):
+        failover = self.shared.failover
+        return self._families(failover.pool.targets if failover else [])
+
+    @staticmethod
+    def _families(targets) -> list:
+        state = GaugeMetricFamily(
+            "seaking_breaker_state",
+            "1 for each target's circuit breaker state (position: 0 is target_proxy, then targets in order).",
+            labels=["target", "position", "state"],
+        )
+        failures = GaugeMetricFamily(
+            "seaking_breaker_consecutive_failures", "Consecutive failed attempts of each target.", labels=["target", "position"]
+        )
+        for position, target in enumerate(targets):
+            for name in BREAKER_STATES:
+                state.add_metric([target.host, str(position), name], 1.0 if target.state == name else 0.0)
+            failures.add_metric([target.host, str(position)], target.breaker.consecutive_failures)
+        return [state, failures]
