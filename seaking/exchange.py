@@ -21,7 +21,7 @@ from retry_policy import Outcome, Verdict
 from seaking.answers import failure_in_stream, final_answer, forwardable_headers
 from seaking.attempt_flows import attempt_summary, waits_before
 from seaking.config import Config
-from seaking.dialects import Dialect, dialect_for
+from seaking.dialects import Dialect, dialect_for, dialect_of
 from seaking.errors import ProxyError
 from seaking.flows import is_answered, is_client_flow, is_replay, record, show_upstream
 from seaking.redaction import scrub, scrub_response
@@ -36,6 +36,10 @@ SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-con
 # How often a waiting request checks whether its client is still there. mitmproxy tells no hook that a client left
 # while a request is pending (its client_disconnected hook comes only after the flow ends), but marks the connection.
 CLIENT_CHECK_SECONDS = 0.25
+INTERNAL_ERROR = ProxyError(
+    500, "seaking-proxy failed to handle this request (a bug: its log says what went wrong); it was not sent upstream.",
+    "proxy_internal_error",
+)
 
 
 class Exchange:
@@ -51,7 +55,13 @@ class Exchange:
             return
         secrets = self.shared.redaction.client_secrets(flow) | self.shared.configured_secrets()
         # A config reload while this request runs changes nothing for it: it keeps the config and targets it began with.
-        answer = await self._answer(flow, self.shared.config, self.shared.failover, secrets)
+        try:
+            answer = await self._answer(flow, self.shared.config, self.shared.failover, secrets)
+        except Exception:
+            # A bug of ours. Left unanswered, mitmproxy would send the request upstream itself: unretried, with the
+            # key placeholder, and its error as an HTML page. The client gets a clear error instead.
+            logger.exception(f"{flow.request.method} {flow.request.path}: seaking-proxy failed to handle the request")
+            answer = dialect_of(flow.request).error_response(INTERNAL_ERROR)
         if answer is None:
             return  # a streaming answer: mitmproxy fetches it from the relay
         if answer.status_code >= 400:

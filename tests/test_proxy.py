@@ -514,3 +514,14 @@ async def test_a_client_that_leaves_stops_its_request_upstream(proxy_factory, up
     assert upstream.received[0].disconnected_at - left < 1.5  # not the 10 s per-try timeout
     await asyncio.sleep(0.3)
     assert len(upstream.received) == 1  # and no retry for nobody
+
+
+async def test_a_bug_in_the_exchange_gets_a_clear_error_not_mitmproxys_own_forwarding(proxy, upstream, client, caplog):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    proxy.shared.upstream.exchange = broken
+    answer = await chat(client, proxy)
+    assert (answer.status, answer.error["code"], answer.headers["x-should-retry"]) == (500, "proxy_internal_error", "false")
+    assert upstream.received == []  # mitmproxy did not forward it
+    assert "RuntimeError: a bug" in caplog.text
