@@ -17,6 +17,9 @@ generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstrea
   direct ................ the client talks to the upstream itself
   mitmdump .............. plain `mitmdump --mode reverse:<upstream>`, no addon (it buffers whole responses, SSE too)
   mitmdump-stream ....... the same with `--set stream_large_bodies=1`: the floor for streaming through mitmproxy
+  floor ................. `mitmdump -s benchmarks/floor_addon.py`: the same path as seaking-proxy with its work removed
+                          (the exchange with aiohttp from the request hook, a loopback relay for streams; no retries,
+                          keys, records): the floor of the design, and what its features cost beyond it
   seaking-proxy ......... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default
                           retry settings; only the /models cache file is moved to a temp directory)
   seaking-haproxy-1 ..... HAProxy (Debian's `haproxy`) on one port in front of one seaking-proxy process
@@ -404,6 +407,7 @@ def all_ways(addon: Path, litellm_python: Path) -> list[Way]:
         Way("direct", direct),
         Way("mitmdump", mitmdump_way()),
         Way("mitmdump-stream", mitmdump_way("--set", "stream_large_bodies=1")),
+        Way("floor", mitmdump_way("-s", str(HERE / "floor_addon.py"))),
         Way("seaking-proxy", seaking_way(addon)),
         Way("seaking-haproxy-1", seaking_processes(addon, 1)),
         Way("seaking-haproxy-2", seaking_processes(addon, 2)),

@@ -48,17 +48,26 @@ class AttemptFlows:
     def load(self, loader) -> None:
         loader.add_option(
             "seaking_attempt_flows", bool, True,
-            "Show each upstream attempt as a flow of its own, beside its client's flow (mitmweb, -w recordings).",
+            "Show each upstream attempt as a flow of its own, beside its client's flow, wherever flows can be looked "
+            "at: a flow list (mitmweb, mitmproxy's console) or a recording (-w).",
         )
 
     def note(self, flow: http.HTTPFlow, attempt: UpstreamAttempt, secrets: set[str]) -> None:
         """An attempt of `flow` is over (Exchange calls this for each). For the stream to be relayed, keep what is
         read from it from now on, so that its attempt flow can show the whole of it."""
-        if not ctx.options.seaking_attempt_flows:
+        if not self._seen():
             return
         if attempt.stream is not None:
             attempt.stream.received = bytearray()
         self._pending.setdefault(flow.id, (secrets, []))[1].append(attempt)
+
+    @staticmethod
+    def _seen() -> bool:
+        """Attempt flows cost about as much CPU as their client's flow. Plain mitmdump without -w shows no flows to
+        anyone (its console prints a line per flow; the proxy's log already has one per failed attempt), so there
+        they are not made."""
+        shown = ctx.master.addons.get("view") is not None or bool(ctx.options.save_stream_file)
+        return shown and ctx.options.seaking_attempt_flows
 
     async def response(self, flow: http.HTTPFlow) -> None:
         await self._flush(flow)

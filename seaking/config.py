@@ -8,6 +8,7 @@ offending key, so a typo stops start-up instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -120,7 +121,7 @@ class Config:
     health_check: HealthCheckSection = HealthCheckSection()
     retry_budget: RetryBudgetSection = RetryBudgetSection()
 
-    @property
+    @functools.cached_property  # read by every request; a config never changes (a reload makes a new one)
     def retry(self) -> RetryPolicy:
         return RetryPolicy(
             retry_codes=frozenset(self.error_handling.retry_codes),

@@ -30,7 +30,7 @@ An attempt flow (one upstream attempt, shown beside its client's flow; attempt_f
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from mitmproxy import connection, http
 
@@ -62,7 +62,10 @@ def show_upstream(flow: http.HTTPFlow, url: str) -> None:
 
     The flow gets a server connection of its own: the one mitmproxy used (the relay's, for a streamed answer) stays
     as it is for mitmproxy, which may reuse it."""
-    flow.request.url = url
+    if flow.request.url != url:
+        flow.request.url = url
+    if flow.server_conn.address == _address(urlsplit(url)) and not flow.server_conn.peername:
+        return  # mitmproxy's own (unused) server connection already names it: the common, single-target case
     shown = upstream_server(url)
     shown.timestamp_start = flow.server_conn.timestamp_start
     shown.timestamp_tcp_setup = flow.server_conn.timestamp_tcp_setup
@@ -72,7 +75,11 @@ def show_upstream(flow: http.HTTPFlow, url: str) -> None:
 def upstream_server(url: str) -> connection.Server:
     """A server connection as mitmweb shows one: the upstream's host and port."""
     parts = urlsplit(url)
-    server = connection.Server(address=(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+    server = connection.Server(address=_address(parts))
     if parts.scheme == "https":
         server.sni = parts.hostname
     return server
+
+
+def _address(parts: SplitResult) -> tuple[str, int]:
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)

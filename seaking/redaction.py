@@ -37,13 +37,6 @@ def client_secrets(headers: Iterable[tuple[str, str]]) -> set[str]:
     return {s for s in found if len(s) >= _MIN_SECRET_LENGTH and s.lower() != "undefined"}
 
 
-def redact_headers(headers: http.Headers) -> None:
-    for name in CREDENTIAL_HEADERS:
-        if name in headers:
-            values = headers.get_all(name)
-            headers.set_all(name, [_redacted_value(v) for v in values])
-
-
 def redacted(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """A header list with its credentials replaced by the placeholder."""
     return [(k, _redacted_value(v) if k.lower() in CREDENTIAL_HEADERS else v) for k, v in headers]
@@ -104,7 +97,8 @@ class Redaction:
             self._kept.move_to_end(flow.id)
             while len(self._kept) > KEPT_FLOWS:
                 self._kept.popitem(last=False)
-            redact_headers(headers)
+            for name in {name.lower() for name, _ in sent}:
+                headers.set_all(name, [_redacted_value(v) for v in headers.get_all(name)])
 
     def client_headers(self, flow: http.HTTPFlow) -> list[tuple[str, str]]:
         """The flow's request headers with the credentials the client sent."""

@@ -62,6 +62,8 @@ class _Binding:
     token: str
     relay_url: str
     shown_url: str  # what mitmweb and recordings show: the true upstream, not the relay
+    request_body: bytes | None = None  # kept off the hop to the relay, shown again with the response
+    request_framing: list[tuple[str, str]] = field(default_factory=list)
     streamed: bool = True
 
 
@@ -92,19 +94,27 @@ class Relay:
     async def bind(self, flow: http.HTTPFlow, shown_url: str | None = None) -> None:
         """Point `flow` at a fresh relay slot. Its answer will be whatever `serve` puts there.
 
-        From requestheaders, the caller also sets `flow.request.stream` to a callable that forwards nothing: the body
-        stays out of the relay hop, whose framing headers are removed so that the relay expects none. (They stay
-        removed: mitmproxy frames the end of the body by them until the client has sent it all.)"""
+        The relay needs nothing of the request body, which mitmproxy would otherwise send it in full (a long
+        SillyTavern prompt is hundreds of KiB): the hop's request has no body and no framing headers. From
+        requestheaders, the caller also sets `flow.request.stream` to a callable that forwards nothing, and the
+        framing headers stay removed (mitmproxy frames the end of the body by them until the client has sent it all).
+        From the request hook, the body is already read: it is taken off for the hop and shown again with the
+        response."""
         port = await self.start()
         token = secrets.token_urlsafe(16)
         self._slots[token] = asyncio.get_running_loop().create_future()
-        if flow.request.stream:
-            for name in _BODY_FRAMING:
-                flow.request.headers.pop(name, None)
-        shown_url = shown_url or flow.request.url
-        flow.request.scheme, flow.request.host, flow.request.port = "http", "127.0.0.1", port
-        flow.request.headers[TOKEN_HEADER] = token
-        self._bindings[flow.id] = _Binding(token, flow.request.url, shown_url)
+        request = flow.request
+        binding = _Binding(token, "", shown_url or request.url)
+        if not request.stream:
+            binding.request_body = request.raw_content
+            binding.request_framing = [(k, v) for k, v in request.headers.items(multi=True) if k.lower() in _BODY_FRAMING]
+            request.raw_content = b""
+        for name in _BODY_FRAMING:
+            request.headers.pop(name, None)
+        request.scheme, request.host, request.port = "http", "127.0.0.1", port
+        request.headers[TOKEN_HEADER] = token
+        binding.relay_url = request.url
+        self._bindings[flow.id] = binding
 
     async def serve(self, flow: http.HTTPFlow, job: RelayJob, shown_url: str | None = None) -> None:
         """`job` is the answer to `flow`, which is bound to the relay now if it is not yet."""
@@ -175,8 +185,7 @@ class Relay:
         binding = self._bindings.pop(flow.id, None)
         if binding is None:
             return
-        show_upstream(flow, binding.shown_url)
-        flow.request.headers.pop(TOKEN_HEADER, None)
+        _show_request(flow, binding)
         if not binding.streamed:
             return
         record = self.records_streamed_bodies and ctx.options.store_streamed_bodies
@@ -185,6 +194,7 @@ class Relay:
     def error(self, flow: http.HTTPFlow) -> None:
         binding = self._bindings.pop(flow.id, None)
         if binding is not None:
+            _show_request(flow, binding)
             self._release(binding.token)
 
     # --- the server --------------------------------------------------------------------------------------------
@@ -239,6 +249,16 @@ class Relay:
             return response
         finally:
             await job.close()
+
+
+def _show_request(flow: http.HTTPFlow, binding: _Binding) -> None:
+    """The request as the client sent it again, for mitmweb and recordings: the upstream's URL, the body."""
+    show_upstream(flow, binding.shown_url)
+    flow.request.headers.pop(TOKEN_HEADER, None)
+    if binding.request_body is not None:
+        flow.request.raw_content = binding.request_body
+        for name, value in binding.request_framing:
+            flow.request.headers.add(name, value)
 
 
 class StreamedBodyRecorder:

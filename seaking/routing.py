@@ -8,6 +8,7 @@ target base whatever the prefix; every other path goes to the target host unchan
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -33,12 +34,14 @@ class Route:
         return self.endpoint == MODELS_ENDPOINT
 
 
+@functools.lru_cache(maxsize=1024)  # a client sends the same few paths over and over
 def endpoint_of(path: str) -> str | None:
     """The known API endpoint a request path (with query) names, whatever its /v1 prefix and slashes; else None."""
     endpoint = _VERSION_PREFIX.sub("", _tidy(path), count=1)
     return endpoint if endpoint in JSON_ENDPOINTS or endpoint == MODELS_ENDPOINT else None
 
 
+@functools.lru_cache(maxsize=1024)
 def route(base_url: str, path: str) -> Route:
     """Map a request path (with query) onto the target base URL.
 

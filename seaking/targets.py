@@ -7,6 +7,7 @@ then one request is let through as a probe (half-open), and its result closes or
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -77,7 +78,7 @@ class Target:
     last_latency: float | None = None
     last_result_at: float | None = None  # time.time()
 
-    @property
+    @functools.cached_property  # named in every attempt's headers, log lines and records; the URL never changes
     def host(self) -> str:
         """host[:port], never the path or credentials: what headers, logs and comments name a target by."""
         parts = urlsplit(self.base_url)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 from mitmproxy import options
+from mitmproxy.addons.view import View
 from mitmproxy.tools.dump import DumpMaster
 
 import addon
@@ -94,8 +95,9 @@ class RunningProxy:
 
 
 async def start_proxy(
-    tmp_path: Path, reverse_target: str, config: dict | None = None, **extra_options
+    tmp_path: Path, reverse_target: str, config: dict | None = None, flow_list: bool = True, **extra_options
 ) -> RunningProxy:
+    """mitmproxy with the pipeline, in this event loop. flow_list: with mitmproxy's View addon, as in mitmweb."""
     config = merge(FAST_POLICY, config or {})
     config.setdefault("models", {}).setdefault("cache_file", str(tmp_path / "models-cache.json"))
     config_path = tmp_path / f"config-{id(config)}.yaml"
@@ -107,6 +109,8 @@ async def start_proxy(
     )
     pipeline = addon.pipeline()
     collector = FlowCollector()
+    if flow_list:
+        master.addons.add(View())
     master.addons.add(*pipeline, collector)
     master.options.update(seaking_config=str(config_path), **extra_options)
     task = asyncio.create_task(master.run())

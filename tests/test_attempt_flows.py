@@ -125,6 +125,18 @@ async def test_attempt_flows_can_be_turned_off(proxy_factory, upstream, client):
     assert len(proxy.flows) == 2 and proxy.attempt_flows == []
 
 
+async def test_without_a_flow_list_or_a_recording_no_attempt_flows_are_made(proxy_factory, upstream, client, tmp_path):
+    """Plain mitmdump shows nobody a flow: attempt flows would cost CPU for nothing. With -w they are recorded."""
+    unseen = await proxy_factory(flow_list=False)
+    upstream.script("chat/completions", Status(503))
+    await chat(client, unseen)
+    assert len(unseen.flows) == 1 and unseen.attempt_flows == []
+    recorded = await proxy_factory(flow_list=False, save_stream_file=str(tmp_path / "flows.mitm"))
+    upstream.script("chat/completions", Status(503))
+    await chat(client, recorded)
+    assert [f.response.status_code for f in recorded.attempt_flows] == [503, 200]
+
+
 async def test_a_streamed_flow_shows_the_upstream_not_the_relay(proxy, upstream, client):
     await read_stream(client, proxy)
     flow = proxy.flows[-1]

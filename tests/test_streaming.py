@@ -359,7 +359,8 @@ async def test_a_streamed_flow_shows_its_true_upstream_history_and_body(proxy_fa
     flow = proxy.flows[-1]
     assert flow.request.url == upstream.url + "/v1/chat/completions"
     assert flow.request.headers["authorization"] == "Bearer [redacted]"
-    assert json.loads(flow.request.content)["stream"] is True
+    assert json.loads(flow.request.content)["stream"] is True  # the relay got none of it; the flow shows it all
+    assert flow.request.headers["content-length"] == str(len(flow.request.raw_content))
     assert flow.marked == ":repeat:" and flow.comment.startswith("2 attempts: 503, 200 in ")
     assert flow.response.content == read.body
 
