@@ -23,22 +23,27 @@ _NOT_FORWARDED = frozenset(
 )
 
 
+_NOT_FORWARDED_RAW = frozenset(name.encode() for name in _NOT_FORWARDED)
+
+
 def forwardable_headers(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """The upstream's response headers that describe the answer rather than the upstream connection."""
-    decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers]
-    return [(k, v) for k, v in decoded if k.lower() not in _NOT_FORWARDED]
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in _forwardable(raw_headers)]
+
+
+def _forwardable(raw_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in raw_headers if k.lower() not in _NOT_FORWARDED_RAW]
 
 
 def upstream_response(
     status: int, reason: str, raw_headers: list[tuple[bytes, bytes]], body: bytes, started: float
 ) -> http.Response:
     """The upstream's answer as received (aiohttp has already decoded any content-encoding)."""
-    fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in forwardable_headers(raw_headers)]
     response = http.Response(
         http_version=b"HTTP/1.1",
         status_code=status,
         reason=reason.encode("latin-1", "replace"),
-        headers=http.Headers(fields),
+        headers=http.Headers(_forwardable(raw_headers)),
         content=None,
         trailers=None,
         timestamp_start=started,

@@ -49,6 +49,7 @@ class Exchange:
 
     def __init__(self, shared) -> None:
         self.shared = shared
+        self._deliveries: set[asyncio.Task] = set()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if not is_client_flow(flow) or is_answered(flow):
@@ -80,7 +81,7 @@ class Exchange:
         flow_record.update(endpoint=primary.endpoint, client_path=client_path)
         wants_stream = flow_record.get("stream") is True
         started = time.time()
-        exchange = asyncio.create_task(
+        exchange = (
             self.shared.upstream.exchange(
                 config.retry,
                 UpstreamRequest(
@@ -98,36 +99,115 @@ class Exchange:
                 on_attempt=lambda attempt: self.shared.attempt_flows.note(flow, attempt, secrets),
             )
         )
-        heartbeat_after = config.streaming.heartbeat_interval if wants_stream else None
+        if wants_stream:
+            await self._answer_stream_later(flow, config, primary, api, asyncio.create_task(exchange), started, secrets)
+            return None
         grace_over = self.shared.shutdown.grace_over
-        if not await _while_client_waits(flow, exchange, heartbeat_after, grace_over):
-            if _client_left(flow):
-                exchange.cancel()  # nobody to answer: stop spending upstream work on it
-                flow.kill()
-                return None
-            if grace_over.done():  # the proxy is shutting down and this request has had its time
-                exchange.cancel()
-                flow_record.update(ended_early=grace_over.result().code, answered_by="seaking-proxy", status=503)
-                return api.error_response(grace_over.result())
-            await self._stream_with_heartbeats(flow, config, primary, api, exchange, started, secrets)
+        try:
+            async with _WhileClientWaits(flow, grace_over):
+                outcome, history = await exchange
+        except _ClientGone:  # nobody to answer: the exchange was cancelled, so no upstream work is spent on it
+            flow.kill()
             return None
-        outcome, history = await exchange
+        except _GraceOver:
+            return self._ended_early(flow, api, grace_over.result())
+        return self._whole_answer(flow, config, api, outcome, history, started, secrets)
+
+    def _whole_answer(
+        self,
+        flow: http.HTTPFlow,
+        config: Config,
+        api: Dialect,
+        outcome: Outcome[UpstreamAttempt],
+        history: list[UpstreamAttempt],
+        started: float,
+        secrets: set[str],
+    ) -> http.Response:
+        """The answer, when the exchange ended without a stream to relay."""
         last = outcome.last
-        answered_from = route(last.target.base_url, client_path)
-        if last.stream is not None:
-            self._record(flow, outcome, history, started, secrets, proxy_made=False, status=last.status)
-            headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
-            await self._relay(
-                flow, config, answered_from, api, last.status, headers, _resolved(last.stream), reason=last.reason
-            )
-            return None
         # Show the true upstream in mitmweb and recordings.
-        show_upstream(flow, answered_from.url)
+        show_upstream(flow, route(last.target.base_url, record(flow)["client_path"]).url)
         answer = final_answer(outcome, config.retry, time.time() - started, started, api)
         answer.headers.update(seaking_headers(outcome))
         proxy_made = last.classification.verdict is Verdict.RETRY
         self._record(flow, outcome, history, started, secrets, proxy_made, answer.status_code)
         return answer
+
+    def _ended_early(self, flow: http.HTTPFlow, api: Dialect, error: ProxyError) -> http.Response:
+        """The proxy is shutting down and this request has had its grace period."""
+        record(flow).update(ended_early=error.code, answered_by="seaking-proxy", status=error.status)
+        return api.error_response(error)
+
+    async def _answer_stream_later(
+        self,
+        flow: http.HTTPFlow,
+        config: Config,
+        primary: Route,
+        api: Dialect,
+        exchange: asyncio.Task,
+        started: float,
+        secrets: set[str],
+    ) -> None:
+        """A stream is answered through the relay, whatever the exchange brings: the flow is bound to it now and the
+        request hook returns, so that mitmproxy connects to the relay while the upstream is still thinking (the
+        connection costs the client nothing then), and the answer is served there once it is known. A client that
+        leaves before then drops mitmproxy's connection to the relay, which ends the exchange at once."""
+        delivery: asyncio.Task | None = None
+
+        def abandoned() -> None:
+            if delivery is not None:
+                delivery.cancel()
+
+        await self.shared.relay.bind(flow, primary.url, on_abandoned=abandoned)
+        delivery = asyncio.create_task(self._deliver_stream(flow, config, primary, api, exchange, started, secrets))
+        self._deliveries.add(delivery)  # tasks are only weakly held by the loop
+        delivery.add_done_callback(self._deliveries.discard)
+
+    async def _deliver_stream(
+        self,
+        flow: http.HTTPFlow,
+        config: Config,
+        primary: Route,
+        api: Dialect,
+        exchange: asyncio.Task,
+        started: float,
+        secrets: set[str],
+    ) -> None:
+        relay, grace_over = self.shared.relay, self.shared.shutdown.grace_over
+        try:
+            await asyncio.wait(
+                {exchange, grace_over}, timeout=config.streaming.heartbeat_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            if exchange.done():
+                outcome, history = exchange.result()
+                last = outcome.last
+                if last.stream is None:
+                    answer = self._whole_answer(flow, config, api, outcome, history, started, secrets)
+                    if answer.status_code >= 400:
+                        scrub_response(answer, secrets)
+                    relay.serve_now(flow, RelayJob.whole(answer))
+                    return
+                answered_from = route(last.target.base_url, record(flow)["client_path"])
+                self._record(flow, outcome, history, started, secrets, proxy_made=False, status=last.status)
+                headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
+                await self._relay(
+                    flow, config, answered_from, api, last.status, headers, _resolved(last.stream), reason=last.reason
+                )
+            elif grace_over.done():
+                exchange.cancel()
+                relay.serve_now(flow, RelayJob.whole(self._ended_early(flow, api, grace_over.result())))
+            else:
+                await self._stream_with_heartbeats(flow, config, primary, api, exchange, started, secrets)
+        except asyncio.CancelledError:  # the client left: stop spending upstream work on it
+            exchange.cancel()
+            live = _stream_left_in(exchange)
+            if live is not None:
+                live.close()
+            raise
+        except Exception:  # a bug of ours: see request()
+            logger.exception(f"{flow.request.method} {flow.request.path}: seaking-proxy failed to handle the request")
+            exchange.cancel()
+            relay.serve_now(flow, RelayJob.whole(api.error_response(INTERNAL_ERROR)))
 
     async def _stream_with_heartbeats(
         self,
@@ -209,7 +289,7 @@ class Exchange:
     ) -> None:
         """What happened, in the flow's record: for the flow notes, the models cache and people reading recordings."""
         record(flow).update(
-            attempts=[attempt_summary(a, secrets, wait) for a, wait in zip(history, waits_before(history))],
+            attempts=[attempt_summary(a, secrets, wait) for a, wait in zip(history, waits_before(history), strict=True)],
             elapsed=round(time.time() - started, 3),
             verdict=outcome.last.classification.verdict.value,
             stopped=outcome.stopped.value,
@@ -245,19 +325,50 @@ def _client_left(flow: http.HTTPFlow) -> bool:
     return not is_replay(flow) and not flow.client_conn.state & ConnectionState.CAN_READ
 
 
-async def _while_client_waits(
-    flow: http.HTTPFlow, task: asyncio.Task, timeout: float | None, grace_over: asyncio.Future
-) -> bool:
-    """Wait for `task` for at most `timeout` seconds (None: no limit), but no longer than the client stays or the
-    shutdown's grace period lasts. True when the task is done."""
-    loop = asyncio.get_running_loop()
-    until = None if timeout is None else loop.time() + timeout
-    while not task.done() and not _client_left(flow) and not grace_over.done():
-        step = CLIENT_CHECK_SECONDS if until is None else min(CLIENT_CHECK_SECONDS, until - loop.time())
-        if step <= 0:
-            break
-        await asyncio.wait({task, grace_over}, timeout=step, return_when=asyncio.FIRST_COMPLETED)
-    return task.done()
+class _ClientGone(Exception):
+    pass
+
+
+class _GraceOver(Exception):
+    pass
+
+
+class _WhileClientWaits:
+    """Cancels the block when its client leaves (checked every CLIENT_CHECK_SECONDS) or the shutdown's grace period
+    is over, raising _ClientGone or _GraceOver instead. Like asyncio.timeout: a timer on the loop, not a task and a
+    wait per request. (A stream's client is watched by the relay: its leaving drops mitmproxy's relay connection.)"""
+
+    def __init__(self, flow: http.HTTPFlow, grace_over: asyncio.Future) -> None:
+        self.flow, self.grace_over = flow, grace_over
+        self.stopped_by: type[Exception] | None = None
+
+    async def __aenter__(self) -> None:
+        self.task = asyncio.current_task()
+        self.cancelling = self.task.cancelling()
+        self.loop = asyncio.get_running_loop()
+        self.timer = self.loop.call_later(CLIENT_CHECK_SECONDS, self._check)
+        self.grace_over.add_done_callback(self._grace_over)
+
+    def _check(self) -> None:
+        if _client_left(self.flow):
+            self._stop(_ClientGone)
+        else:
+            self.timer = self.loop.call_later(CLIENT_CHECK_SECONDS, self._check)
+
+    def _grace_over(self, _: asyncio.Future) -> None:
+        self._stop(_GraceOver)
+
+    def _stop(self, why: type[Exception]) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = why
+            self.task.cancel()
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self.timer.cancel()
+        self.grace_over.remove_done_callback(self._grace_over)
+        # Cancelled by us alone (not by mitmproxy as well): the caller gets why.
+        if self.stopped_by and exc_type is asyncio.CancelledError and self.task.uncancel() <= self.cancelling:
+            raise self.stopped_by from None
 
 
 def _stream_left_in(task: asyncio.Future | None) -> LiveStream | None:

@@ -91,8 +91,11 @@ class Relay:
 
     # --- for the other addons ----------------------------------------------------------------------------------
 
-    async def bind(self, flow: http.HTTPFlow, shown_url: str | None = None) -> None:
-        """Point `flow` at a fresh relay slot. Its answer will be whatever `serve` puts there.
+    async def bind(
+        self, flow: http.HTTPFlow, shown_url: str | None = None, on_abandoned: Callable[[], None] | None = None
+    ) -> None:
+        """Point `flow` at a fresh relay slot. Its answer will be whatever `serve` puts there. `on_abandoned` is
+        called if the slot goes before anything was served (mitmproxy dropped its connection: the client left).
 
         The relay needs nothing of the request body, which mitmproxy would otherwise send it in full (a long
         SillyTavern prompt is hundreds of KiB): the hop's request has no body and no framing headers. From
@@ -100,9 +103,15 @@ class Relay:
         framing headers stay removed (mitmproxy frames the end of the body by them until the client has sent it all).
         From the request hook, the body is already read: it is taken off for the hop and shown again with the
         response."""
+        bound = self._bindings.get(flow.id)
+        if bound is not None:  # from requestheaders (a chunked body): the same slot, now with its answer's URL
+            bound.shown_url = shown_url or bound.shown_url
+            self._when_abandoned(bound.token, on_abandoned)
+            return
         port = await self.start()
         token = secrets.token_urlsafe(16)
         self._slots[token] = asyncio.get_running_loop().create_future()
+        self._when_abandoned(token, on_abandoned)
         request = flow.request
         binding = _Binding(token, "", shown_url or request.url)
         if not request.stream:
@@ -115,6 +124,11 @@ class Relay:
         request.headers[TOKEN_HEADER] = token
         binding.relay_url = request.url
         self._bindings[flow.id] = binding
+
+    def _when_abandoned(self, token: str, callback: Callable[[], None] | None) -> None:
+        slot = self._slots.get(token)
+        if callback is not None and slot is not None:
+            slot.add_done_callback(lambda done: callback() if done.cancelled() else None)
 
     async def serve(self, flow: http.HTTPFlow, job: RelayJob, shown_url: str | None = None) -> None:
         """`job` is the answer to `flow`, which is bound to the relay now if it is not yet."""
