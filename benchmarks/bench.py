@@ -79,6 +79,9 @@ from pathlib import Path
 import aiohttp
 import litellm_way as litellm_way_module
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from haproxy import haproxy_config  # noqa: E402  (docs/haproxy.cfg, the README's setup)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent  # run with the project's venv python: its mitmdump is next to it
@@ -353,33 +356,6 @@ def seaking_processes(addon: Path, count: int) -> Starter:
             yield Reached(f"http://127.0.0.1:{port}", [p for p, _ in started] + [haproxy])
 
     return run
-
-
-def haproxy_config(listen_port: int, ports: list[int]) -> str:
-    """The README's scale-out setup: HTTP mode, least connections (streams are long and uneven), chunks passed on at
-    once, no timeouts that an LLM call could hit (seaking-proxy has its own)."""
-    servers = "\n".join(f"    server seaking{i + 1} 127.0.0.1:{p}" for i, p in enumerate(ports))
-    return f"""global
-    maxconn 4096
-    log stdout format raw local0 notice
-
-defaults
-    mode http
-    option http-keep-alive
-    option http-no-delay  # pass each SSE chunk on at once (without it HAProxy may hold them back ~200 ms)
-    timeout connect 5s
-    timeout client 15m
-    timeout server 15m
-    timeout http-keep-alive 60s
-
-frontend seaking
-    bind 127.0.0.1:{listen_port}
-    default_backend seaking_processes
-
-backend seaking_processes
-    balance leastconn
-{servers}
-"""
 
 
 def free_port() -> int:
