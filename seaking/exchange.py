@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
@@ -42,6 +43,33 @@ INTERNAL_ERROR = ProxyError(
 )
 
 
+@dataclass
+class _Call:
+    """One client request on its way through the exchange: what each step of answering it needs. A config reload
+    while it runs changes nothing for it: it keeps the config and targets it began with."""
+
+    flow: http.HTTPFlow
+    config: Config
+    failover: Failover
+    primary: Route  # the request routed onto the first target: its endpoint, the URL a committed stream shows
+    api: Dialect  # the shape of every error and stream ending the proxy makes for it
+    secrets: set[str]  # never to be shown: the client's keys and the proxy's
+    started: float = dataclasses.field(default_factory=time.time)
+
+    def record(self, outcome: Outcome[UpstreamAttempt], history: list[UpstreamAttempt], proxy_made: bool,
+               status: int) -> None:
+        """What happened, in the flow's record: for the flow notes, the models cache, metrics and recordings."""
+        waits = waits_before(history)
+        record(self.flow).update(
+            attempts=[attempt_summary(a, self.secrets, wait) for a, wait in zip(history, waits, strict=True)],
+            elapsed=round(time.time() - self.started, 3),
+            verdict=outcome.last.classification.verdict.value,
+            stopped=outcome.stopped.value,
+            answered_by="seaking-proxy" if proxy_made else "upstream",
+            status=status,
+        )
+
+
 class Exchange:
     """mitmproxy addon: answers every client flow that no earlier addon answered, from the upstream."""
 
@@ -55,9 +83,8 @@ class Exchange:
         if not is_client_flow(flow) or is_answered(flow):
             return
         secrets = self.shared.redaction.client_secrets(flow) | self.shared.configured_secrets()
-        # A config reload while this request runs changes nothing for it: it keeps the config and targets it began with.
         try:
-            answer = await self._answer(flow, self.shared.config, self.shared.failover, secrets)
+            answer = await self._answer(flow, secrets)
         except Exception:
             # A bug of ours. Left unanswered, mitmproxy would send the request upstream itself: unretried, with the
             # key placeholder, and its error as an HTML page. The client gets a clear error instead.
@@ -69,38 +96,34 @@ class Exchange:
             scrub_response(answer, secrets)
         flow.response = answer
 
-    async def _answer(
-        self, flow: http.HTTPFlow, config: Config, failover: Failover, secrets: set[str]
-    ) -> http.Response | None:
+    async def _answer(self, flow: http.HTTPFlow, secrets: set[str]) -> http.Response | None:
         """The answer for the client, or None when the flow was handed to the relay for a streaming answer."""
         request = flow.request
+        config, failover = self.shared.config, self.shared.failover
         flow_record = record(flow)
         client_path = request.path
         primary = route(failover.pool.targets[0].base_url, client_path)  # URLs come per attempt
-        api = dialect_for(primary.endpoint, request.headers)  # the shape of every error and stream ending we make
+        call = _Call(flow, config, failover, primary, dialect_for(primary.endpoint, request.headers), secrets)
         flow_record.update(endpoint=primary.endpoint, client_path=client_path)
         wants_stream = flow_record.get("stream") is True
-        started = time.time()
-        exchange = (
-            self.shared.upstream.exchange(
-                config.retry,
-                UpstreamRequest(
-                    method=request.method,
-                    path=client_path,
-                    headers=self.shared.redaction.client_headers(flow),
-                    body=request.raw_content or b"",
-                    expects_json=primary.endpoint is not None,
-                    api=api,
-                    model=flow_record.get("model"),
-                    first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
-                ),
-                failover,
-                on_retry=lambda last, number, wait: self._log_retry(config, request.method, last, number, wait, secrets),
-                on_attempt=lambda attempt: self.shared.attempt_flows.note(flow, attempt, secrets),
-            )
+        exchange = self.shared.upstream.exchange(
+            config.retry,
+            UpstreamRequest(
+                method=request.method,
+                path=client_path,
+                headers=self.shared.redaction.client_headers(flow),
+                body=request.raw_content or b"",
+                expects_json=primary.endpoint is not None,
+                api=call.api,
+                model=flow_record.get("model"),
+                first_event_timeout=config.streaming.first_event_timeout if wants_stream else None,
+            ),
+            failover,
+            on_retry=lambda last, number, wait: self._log_retry(call, last, number, wait),
+            on_attempt=lambda attempt: self.shared.attempt_flows.note(flow, attempt, secrets),
         )
         if wants_stream:
-            await self._answer_stream_later(flow, config, primary, api, asyncio.create_task(exchange), started, secrets)
+            await self._answer_stream_later(call, asyncio.create_task(exchange))
             return None
         grace_over = self.shared.shutdown.grace_over
         try:
@@ -110,44 +133,28 @@ class Exchange:
             flow.kill()
             return None
         except _GraceOver:
-            return self._ended_early(flow, api, grace_over.result())
-        return self._whole_answer(flow, config, api, outcome, history, started, secrets)
+            return self._ended_early(call, grace_over.result())
+        return self._whole_answer(call, outcome, history)
 
     def _whole_answer(
-        self,
-        flow: http.HTTPFlow,
-        config: Config,
-        api: Dialect,
-        outcome: Outcome[UpstreamAttempt],
-        history: list[UpstreamAttempt],
-        started: float,
-        secrets: set[str],
+        self, call: _Call, outcome: Outcome[UpstreamAttempt], history: list[UpstreamAttempt]
     ) -> http.Response:
         """The answer, when the exchange ended without a stream to relay."""
         last = outcome.last
         # Show the true upstream in mitmweb and recordings.
-        show_upstream(flow, route(last.target.base_url, record(flow)["client_path"]).url)
-        answer = final_answer(outcome, config.retry, time.time() - started, started, api)
+        show_upstream(call.flow, route(last.target.base_url, record(call.flow)["client_path"]).url)
+        answer = final_answer(outcome, call.config.retry, time.time() - call.started, call.started, call.api)
         answer.headers.update(seaking_headers(outcome))
         proxy_made = last.classification.verdict is Verdict.RETRY
-        self._record(flow, outcome, history, started, secrets, proxy_made, answer.status_code)
+        call.record(outcome, history, proxy_made=proxy_made, status=answer.status_code)
         return answer
 
-    def _ended_early(self, flow: http.HTTPFlow, api: Dialect, error: ProxyError) -> http.Response:
+    def _ended_early(self, call: _Call, error: ProxyError) -> http.Response:
         """The proxy is shutting down and this request has had its grace period."""
-        record(flow).update(ended_early=error.code, answered_by="seaking-proxy", status=error.status)
-        return api.error_response(error)
+        record(call.flow).update(ended_early=error.code, answered_by="seaking-proxy", status=error.status)
+        return call.api.error_response(error)
 
-    async def _answer_stream_later(
-        self,
-        flow: http.HTTPFlow,
-        config: Config,
-        primary: Route,
-        api: Dialect,
-        exchange: asyncio.Task,
-        started: float,
-        secrets: set[str],
-    ) -> None:
+    async def _answer_stream_later(self, call: _Call, exchange: asyncio.Task) -> None:
         """A stream is answered through the relay, whatever the exchange brings: the flow is bound to it now and the
         request hook returns, so that mitmproxy connects to the relay while the upstream is still thinking (the
         connection costs the client nothing then), and the answer is served there once it is known. A client that
@@ -158,46 +165,37 @@ class Exchange:
             if delivery is not None:
                 delivery.cancel()
 
-        await self.shared.relay.bind(flow, primary.url, on_abandoned=abandoned)
-        delivery = asyncio.create_task(self._deliver_stream(flow, config, primary, api, exchange, started, secrets))
+        await self.shared.relay.bind(call.flow, call.primary.url, on_abandoned=abandoned)
+        delivery = asyncio.create_task(self._deliver_stream(call, exchange))
         self._deliveries.add(delivery)  # tasks are only weakly held by the loop
         delivery.add_done_callback(self._deliveries.discard)
 
-    async def _deliver_stream(
-        self,
-        flow: http.HTTPFlow,
-        config: Config,
-        primary: Route,
-        api: Dialect,
-        exchange: asyncio.Task,
-        started: float,
-        secrets: set[str],
-    ) -> None:
+    async def _deliver_stream(self, call: _Call, exchange: asyncio.Task) -> None:
         relay, grace_over = self.shared.relay, self.shared.shutdown.grace_over
         try:
             await asyncio.wait(
-                {exchange, grace_over}, timeout=config.streaming.heartbeat_interval, return_when=asyncio.FIRST_COMPLETED
+                {exchange, grace_over},
+                timeout=call.config.streaming.heartbeat_interval,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if exchange.done():
                 outcome, history = exchange.result()
                 last = outcome.last
                 if last.stream is None:
-                    answer = self._whole_answer(flow, config, api, outcome, history, started, secrets)
+                    answer = self._whole_answer(call, outcome, history)
                     if answer.status_code >= 400:
-                        scrub_response(answer, secrets)
-                    relay.serve_now(flow, RelayJob.whole(answer))
+                        scrub_response(answer, call.secrets)
+                    relay.serve_now(call.flow, RelayJob.whole(answer))
                     return
-                answered_from = route(last.target.base_url, record(flow)["client_path"])
-                self._record(flow, outcome, history, started, secrets, proxy_made=False, status=last.status)
+                answered_from = route(last.target.base_url, record(call.flow)["client_path"])
+                call.record(outcome, history, proxy_made=False, status=last.status)
                 headers = forwardable_headers(last.raw_headers) + list(seaking_headers(outcome).items())
-                await self._relay(
-                    flow, config, answered_from, api, last.status, headers, _resolved(last.stream), reason=last.reason
-                )
+                await self._relay(call, answered_from, last.status, headers, _resolved(last.stream), reason=last.reason)
             elif grace_over.done():
                 exchange.cancel()
-                relay.serve_now(flow, RelayJob.whole(self._ended_early(flow, api, grace_over.result())))
+                relay.serve_now(call.flow, RelayJob.whole(self._ended_early(call, grace_over.result())))
             else:
-                await self._stream_with_heartbeats(flow, config, primary, api, exchange, started, secrets)
+                await self._stream_with_heartbeats(call, exchange)
         except asyncio.CancelledError:  # the client left: stop spending upstream work on it
             exchange.cancel()
             live = _stream_left_in(exchange)
@@ -205,46 +203,35 @@ class Exchange:
                 live.close()
             raise
         except Exception:  # a bug of ours: see request()
-            logger.exception(f"{flow.request.method} {flow.request.path}: seaking-proxy failed to handle the request")
+            logger.exception(f"{call.primary.url}: seaking-proxy failed to handle the request")
             exchange.cancel()
-            relay.serve_now(flow, RelayJob.whole(api.error_response(INTERNAL_ERROR)))
+            relay.serve_now(call.flow, RelayJob.whole(call.api.error_response(INTERNAL_ERROR)))
 
-    async def _stream_with_heartbeats(
-        self,
-        flow: http.HTTPFlow,
-        config: Config,
-        primary: Route,
-        api: Dialect,
-        exchange: asyncio.Task,
-        started: float,
-        secrets: set[str],
-    ) -> None:
+    async def _stream_with_heartbeats(self, call: _Call, exchange: asyncio.Task) -> None:
         """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
         with heartbeats until the exchange brings a stream to pipe or a failure to report as an error event."""
 
-        record(flow)["heartbeats"] = True
+        record(call.flow)["heartbeats"] = True
 
         async def stream_or_error() -> LiveStream | bytes | ProxyError:
             outcome, history = await exchange
             last = outcome.last
-            self._record(flow, outcome, history, started, secrets, proxy_made=last.stream is None, status=200)
+            call.record(outcome, history, proxy_made=last.stream is None, status=200)
             if last.stream is not None:
                 return last.stream
             if last.classification.verdict is Verdict.SUCCESS:
-                replay = api.whole_as_stream(last.body)  # the upstream ignored "stream": true
+                replay = call.api.whole_as_stream(last.body)  # the upstream ignored "stream": true
                 if replay is not None:
                     return replay
-            error = failure_in_stream(outcome, config.retry, time.time() - started)
-            return dataclasses.replace(error, message=scrub(error.message, secrets))
+            error = failure_in_stream(outcome, call.config.retry, time.time() - call.started)
+            return dataclasses.replace(error, message=scrub(error.message, call.secrets))
 
-        await self._relay(flow, config, primary, api, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
+        await self._relay(call, call.primary, 200, SSE_HEADERS, asyncio.create_task(stream_or_error()), exchange)
 
     async def _relay(
         self,
-        flow: http.HTTPFlow,
-        config: Config,
+        call: _Call,
         target: Route,
-        api: Dialect,
         status: int,
         headers: list[tuple[str, str]],
         outcome: asyncio.Future,
@@ -252,7 +239,7 @@ class Exchange:
         reason: str | None = None,
     ) -> None:
         """Hand the flow to the relay, which sends status and headers, then the stream `outcome` resolves to."""
-        streaming = config.streaming
+        flow, streaming = call.flow, call.config.streaming
 
         def release() -> None:
             for task in (outcome, exchange):
@@ -264,46 +251,25 @@ class Exchange:
                     live.close()
 
         def report(problem: ProxyError) -> None:
-            logger.warning(f"{flow.request.method} {target.url}: {problem.message} Ended the stream with an error event.")
+            ending = "Ended the stream with an error event."
+            logger.warning(f"{flow.request.method} {target.url}: {problem.message} {ending}")
             record(flow)["stream_error"] = problem.code
 
         body = client_stream(
             outcome,
             heartbeat_interval=streaming.heartbeat_interval,
             idle_timeout=streaming.idle_timeout,
-            api=api,
+            api=call.api,
             on_problem=report,
             stop=self.shared.shutdown.grace_over,
         )
         await self.shared.relay.serve(flow, RelayJob(status, headers, body, on_close=release), shown_url=target.url)
 
-    def _record(
-        self,
-        flow: http.HTTPFlow,
-        outcome: Outcome[UpstreamAttempt],
-        history: list[UpstreamAttempt],
-        started: float,
-        secrets: set[str],
-        proxy_made: bool,
-        status: int,
-    ) -> None:
-        """What happened, in the flow's record: for the flow notes, the models cache and people reading recordings."""
-        record(flow).update(
-            attempts=[attempt_summary(a, secrets, wait) for a, wait in zip(history, waits_before(history), strict=True)],
-            elapsed=round(time.time() - started, 3),
-            verdict=outcome.last.classification.verdict.value,
-            stopped=outcome.stopped.value,
-            answered_by="seaking-proxy" if proxy_made else "upstream",
-            status=status,
-        )
-
-    def _log_retry(
-        self, config: Config, method: str, last: UpstreamAttempt, number: int, wait: float, secrets: set[str]
-    ) -> None:
+    def _log_retry(self, call: _Call, last: UpstreamAttempt, number: int, wait: float) -> None:
         where = last.target.host if last.target else "upstream"
         logger.info(
-            f"{method} {where}: attempt {number} of at most {config.retry.max_attempts} failed: "
-            f"{scrub(last.classification.detail, secrets)}; retrying in {wait:.1f} s"
+            f"{call.flow.request.method} {where}: attempt {number} of at most {call.config.retry.max_attempts} "
+            f"failed: {scrub(last.classification.detail, call.secrets)}; retrying in {wait:.1f} s"
         )
 
 
