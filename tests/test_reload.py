@@ -66,9 +66,10 @@ async def test_a_request_in_flight_keeps_the_config_it_started_with(proxy_factor
     proxy = await proxy_factory(
         {"target_proxy": {"api_key": KEY_BEFORE}, "error_handling": {"max_retries": 3, "base_delay": 0.6, "max_delay": 0.6}}
     )
-    upstream.script("chat/completions", Status(503), Status(503))  # then a good answer
+    # Retry-After makes each wait exactly 1 s (a jittered back-off may be a few ms): the reload lands mid-request.
+    upstream.script("chat/completions", *[Status(503, headers={"Retry-After": "1"})] * 2)  # then a good answer
     in_flight = asyncio.create_task(chat(client, proxy))
-    await until(lambda: len(upstream.received) == 1)
+    await until(lambda: len(upstream.received) >= 1)
     rewrite(proxy.config_path, {"target_proxy": {"api_key": KEY_AFTER}, "error_handling": {"max_retries": 0}})
     await until(lambda: proxy.shared.config.target_proxy.api_key == KEY_AFTER)
 
