@@ -77,7 +77,7 @@ def bars(ax, title: str, unit: str, groups: list[tuple[str, str]], key: str, way
 def goals(ax, raw: dict) -> None:
     """Each goal's ratio (median, range of rounds) against its limit."""
     items = [(name, r) for name, r in raw["ratios"].items() if "goal" in r and "median" in r]
-    for y, (name, r) in enumerate(items):
+    for y, (_, r) in enumerate(items):
         ok = r["verdict"] == "met"
         colour = "#2a9d8f" if ok else "#e76f51" if r["verdict"] == "missed" else "#e9c46a"
         ax.plot([r["min"], r["max"]], [y, y], color=colour, linewidth=3, solid_capstyle="round")
