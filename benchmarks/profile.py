@@ -39,7 +39,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Innermost match wins: a sample in json.loads called from the guard counts as json.
 PARTS = [  # matched against py-spy's frames, "function (path/file.py:line)"
-    ("seaking-proxy: its own code", re.compile(r"[(/]seaking/|retry_policy\.py|addon\.py:")),
+    ("seaking-proxy: its own code", re.compile(r"[(/]seaking/|[(/]retry_policy\.py|[(/]addon\.py:")),
     ("tenacity", re.compile(r"[(/]tenacity/")),
     ("aiohttp server (the relay)", re.compile(r"[(/]aiohttp/web")),
     ("aiohttp client (the exchange)", re.compile(r"[(/]aiohttp/")),
