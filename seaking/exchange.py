@@ -2,9 +2,10 @@
 
 mitmproxy does not talk to the upstream for the proxy's flows: it has no upstream timeouts and cannot answer the
 client after its own attempt failed. So the request hook runs the exchange (upstream.py: attempts over targets and
-fallback models, classified and retried by retry_policy.py) and answers: a whole response on the flow, or — once the
-first event of a stream is in — the open upstream stream handed to the relay, which mitmproxy streams from. A client
-that waits `heartbeat_interval` with nothing gets a committed SSE answer with heartbeats instead.
+fallback models, classified and retried by retry_policy.py) and answers with a whole response on the flow. A stream
+("stream": true) is bound to the relay at once, and answered there once the exchange is over: the open upstream
+stream (its first event judged good), or its failure as a whole answer. A client that waits `heartbeat_interval`
+with nothing gets a committed SSE answer with heartbeats instead.
 """
 
 from __future__ import annotations
