@@ -89,8 +89,7 @@ class Exchange:
         except Exception:
             # A bug of ours. Left unanswered, mitmproxy would send the request upstream itself: unretried, with the
             # key placeholder, and its error as an HTML page. The client gets a clear error instead.
-            logger.exception(f"{flow.request.method} {flow.request.path}: seaking-proxy failed to handle the request")
-            answer = dialect_of(flow.request).error_response(INTERNAL_ERROR)
+            answer = _internal_error(flow, dialect_of(flow.request))
         if answer is None:
             return  # a streaming answer: mitmproxy fetches it from the relay
         if answer.status_code >= 400:
@@ -198,15 +197,11 @@ class Exchange:
             else:
                 await self._stream_with_heartbeats(call, exchange)
         except asyncio.CancelledError:  # the client left: stop spending upstream work on it
-            exchange.cancel()
-            live = _stream_left_in(exchange)
-            if live is not None:
-                live.close()
+            _cancel(exchange)
             raise
         except Exception:  # a bug of ours: see request()
-            logger.exception(f"{call.primary.url}: seaking-proxy failed to handle the request")
-            exchange.cancel()
-            relay.serve_now(call.flow, RelayJob.whole(call.api.error_response(INTERNAL_ERROR)))
+            _cancel(exchange)
+            relay.serve_now(call.flow, RelayJob.whole(_internal_error(call.flow, call.api)))
 
     async def _stream_with_heartbeats(self, call: _Call, exchange: asyncio.Task) -> None:
         """The client has waited heartbeat_interval with nothing: commit a 200 SSE answer now, and keep it alive
@@ -245,11 +240,7 @@ class Exchange:
         def release() -> None:
             for task in (outcome, exchange):
                 if task is not None:
-                    task.cancel()
-                # What finished just before the cancel may hold an open upstream stream that nobody will read.
-                live = _stream_left_in(task)
-                if live is not None:
-                    live.close()
+                    _cancel(task)
 
         def report(problem: ProxyError) -> None:
             ending = "Ended the stream with an error event."
@@ -338,14 +329,23 @@ class _WhileClientWaits:
             raise self.stopped_by from None
 
 
-def _stream_left_in(task: asyncio.Future | None) -> LiveStream | None:
-    """The open upstream stream a finished task produced: the stream itself, or an exchange's (outcome, history)."""
-    if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-        return None
+def _cancel(task: asyncio.Future) -> None:
+    """Cancel `task`; if it finished just before, close the open upstream stream it left, which nobody will read: the
+    stream itself, or an exchange's (outcome, history)."""
+    task.cancel()
+    if not task.done() or task.cancelled() or task.exception() is not None:
+        return
     result = task.result()
     if isinstance(result, tuple):
         result = result[0].last.stream
-    return result if isinstance(result, LiveStream) else None
+    if isinstance(result, LiveStream):
+        result.close()
+
+
+def _internal_error(flow: http.HTTPFlow, api: Dialect) -> http.Response:
+    """The answer to a request a bug of ours broke off; the log says what went wrong."""
+    logger.exception(f"{flow.request.method} {flow.request.path}: seaking-proxy failed to handle the request")
+    return api.error_response(INTERNAL_ERROR)
 
 
 def _resolved(value) -> asyncio.Future:
