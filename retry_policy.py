@@ -1,6 +1,8 @@
-"""What is worth retrying, how long to wait, and when to give up. Pure: no I/O, unit-tested alone.
+"""What is worth retrying, how long to wait, and when to give up. Pure: the standard library and tenacity only, no
+I/O, unit-tested alone (tests/test_layout.py keeps it so).
 
-`classify_response` and `classify_exception` turn one upstream attempt into a `Classification`. `run_with_retries`
+`classify_response` turns one upstream answer into a `Classification` (seaking/connections.py does the same for the
+exceptions of the HTTP client). `run_with_retries`
 drives attempts through tenacity, composed from small strategies: retry while the verdict is RETRY, wait what the
 upstream asked for (Retry-After) or else jittered exponential back-off, stop after max_retries or when the next wait
 would pass the request's deadline.
@@ -8,12 +10,10 @@ would pass the request's deadline.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import enum
 import json
 import math
-import os
 import random
 import re
 import time
@@ -22,8 +22,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-import aiohttp
-import aiohttp_socks
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, stop_before_delay
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -118,39 +116,6 @@ def says_model_unavailable(body: bytes) -> bool:
     else:
         text = json.dumps(document)[:2000]
     return bool(_MODEL_TROUBLE.search(text))
-
-
-def classify_exception(exc: BaseException) -> Classification:
-    """Judge an attempt that raised before a complete answer arrived. Unknown exceptions are bugs: re-raised."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return Classification(Verdict.RETRY, "no response from upstream in time", Failure.TIMEOUT)
-    # An outbound proxy that refuses, resets or cannot reach the upstream fails the attempt like the network would.
-    if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        return Classification(Verdict.RETRY, f"cannot connect to proxy {exc.host}:{exc.port} ({_reason(exc)})", Failure.NETWORK)
-    if isinstance(exc, aiohttp.ClientHttpProxyError):
-        return Classification(Verdict.RETRY, f"proxy answered {exc.status} {exc.message} to CONNECT", Failure.NETWORK)
-    if isinstance(exc, (aiohttp_socks.ProxyError, aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyTimeoutError)):
-        return Classification(Verdict.RETRY, f"SOCKS proxy: {exc}", Failure.NETWORK)
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return Classification(Verdict.RETRY, "SOCKS proxy: it closed the connection during its handshake", Failure.NETWORK)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return Classification(
-            Verdict.RETRY, f"cannot connect to upstream {exc.host}:{exc.port} ({_reason(exc)})", Failure.NETWORK
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return Classification(Verdict.RETRY, "upstream closed the connection without answering", Failure.NETWORK)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return Classification(Verdict.RETRY, "upstream broke off its answer", Failure.NETWORK)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return Classification(Verdict.RETRY, f"upstream sent an invalid HTTP answer ({exc.message})", Failure.BROKEN)
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return Classification(Verdict.RETRY, f"network error talking to upstream ({exc})", Failure.NETWORK)
-    raise exc
-
-
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    os_error = exc.os_error
-    return os.strerror(os_error.errno) if os_error and os_error.errno else str(os_error or exc)
 
 
 def error_message(document: Mapping) -> str:

@@ -1,35 +1,52 @@
-"""seaking-proxy's parts. `addon.py` (beside this package) lists the mitmproxy addons in pipeline order; here is
-where each thing happens. Each addon module holds one small mitmproxy addon class and the pure helpers it uses.
+"""seaking-proxy's parts: the one map of the package. `addon.py` (beside it) lists the mitmproxy addons in pipeline
+order and points here; the README points here too.
 
-Addons (mitmproxy hooks):
+Where a request is ...
+  refused ......... guard.py (AccessGuard: access key, body size, a JSON body), shutdown.py (while stopping)
+  routed .......... routing.py (a client path onto a target's base), targets.py (breakers, load balancing)
+  sent ............ exchange.py (Exchange, the request hook) → upstream_run.py (UpstreamRun: attempts over targets and
+                    fallback models) → attempt.py (one attempt) → connections.py (aiohttp's pools)
+  classified ...... retry_policy.py (beside addon.py: verdicts, waits, stopping; pure) and connections.py (exceptions)
+  retried ......... upstream_run.py, with retry_policy.run_with_retries (tenacity)
+  streamed ........ stream_answer.py (StreamAnswer: the relay job of a stream request) → streaming.py (SSE: the first
+                    event, piping with the idle timeout, every stream ended cleanly) → relay.py (the loopback server)
+  answered ........ answers.py (what the client gets: passed on, or why the proxy gave up), dialects.py (OpenAI's and
+                    Anthropic's shapes), models_cache.py (/models from the last good list)
+  shown ........... records.py (the flow's record), flow_notes.py (mark and comment), attempt_flows.py (each attempt a
+                    flow), metrics.py, status.py
+
+Addons (mitmproxy hooks), each one small class:
   shutdown.py ........ GracefulShutdown: on SIGINT/SIGTERM, requests in flight may finish for server.shutdown_grace
-  settings.py ........ Settings: the seaking_config option, config.yaml into the shared state and its reloads
+  settings.py ........ Settings: the seaking_config option, config.yaml as the shared snapshot, and its reloads
   replays.py ......... Replays: mitmweb's Replay of a client flow starts afresh; refused if its client's key is gone
   redaction.py ....... Redaction: the client's keys off every flow from its first hook; scrubbing error text
   guard.py ........... AccessGuard: access key and body size before the body is read; the JSON body
   status.py .......... StatusEndpoint: GET /_seaking/status and the seaking.status command
   metrics.py ......... Metrics: GET /_seaking/metrics for Prometheus, from the flows' records and the targets
-  exchange.py ........ Exchange: a request routed, retried and answered (whole, or handed to the relay)
+  exchange.py ........ Exchange: a request routed upstream and answered (whole, or handed to the relay)
   models_cache.py .... ModelsCache: /models answered from the last good list when the upstream is down
   flow_notes.py ...... FlowNotes: the mark and the attempt history mitmweb shows for a flow
-  attempt_flows.py ... AttemptFlows: each upstream attempt as a flow of its own (mitmweb, -w recordings)
+  attempt_flows.py ... AttemptFlows: upstream attempts as flows of their own (mitmweb, -w recordings)
   health.py .......... HealthChecks: background probes of targets whose breaker is open
   relay.py ........... Relay: the loopback server mitmproxy streams answers from, and the flows bound to it
+  records.py ......... Records: each client flow's typed record, written into its metadata when it ends
 
 Libraries (no hooks):
-  shared.py .......... Shared: the one object the addons share (config, targets, relay, upstream session)
-  flows.py ........... which flows are the proxy's, and the record its addons keep on each (flow.metadata)
+  shared.py .......... Shared: the parts the addons share; Snapshot: the loaded config, swapped whole by a reload
   config.py .......... config.yaml: schema, validation, errors that name the key
-  routing.py ......... which upstream URL a client path maps to
-  upstream.py ........ the exchange itself: attempts over targets and fallback models, one aiohttp request each
+  flows.py ........... which flows are the proxy's; where a flow shows it went
+  upstream_run.py .... UpstreamRun: one request's attempts over targets and fallback models; its UpstreamResult
+  attempt.py ......... one attempt: the request sent to one target, its frozen Attempt, an open stream handed over
+  connections.py ..... ConnectionPools (aiohttp sessions, outbound proxies), upstream headers, exceptions classified
   outbound.py ........ outbound proxies (HTTP, HTTPS, SOCKS5): which one a target goes through, and how
   targets.py ......... circuit breakers, load balancing, the per-request order of targets
-  streaming.py ....... SSE: the first event, heartbeats, piping with the idle timeout, every stream ended cleanly
-  answers.py ......... the client's answer once the exchange is over: passed on, or why the proxy gave up
+  stream_answer.py ... StreamAnswer: a stream request's answer, owning its run and its upstream stream
+  streaming.py ....... SSE: following events, the first event judged, piping with the idle timeout, clean endings
+  answers.py ......... the client's answer once the run is over: passed on, or why the proxy gave up
   errors.py .......... ProxyError: an error the proxy reports itself; reason phrases
-  dialects.py ........ OpenAI's and Anthropic's wire shapes: error documents, SSE error events, stream endings
-  replay_lab.py ...... the replay lab (replay.py): a recorded session reproduced against mitmdump -S
-  lab_upstream.py .... LabFaults: the mitmdump -S script that plays each recorded attempt's timing and failure
+  dialects.py ........ OpenAI's and Anthropic's wire shapes: errors, what an event says, stream endings
 
-The classification and retry strategies are in retry_policy.py, beside addon.py.
+Tools, beside the product (never loaded by the addon):
+  lab/ ............... the replay lab (replay.py), the fault-injecting upstream and the process harness that tests,
+                       the lab and the benchmarks share
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import re
 import textwrap
@@ -14,7 +15,14 @@ from mitmproxy import http
 from retry_policy import Failure, Outcome, RetryPolicy, StopReason, Verdict, error_message
 from seaking.dialects import Dialect
 from seaking.errors import ProxyError, reason_phrase
-from seaking.upstream import UpstreamAttempt
+from seaking.attempt import Attempt
+
+logger = logging.getLogger("seaking")
+
+INTERNAL_ERROR = ProxyError(
+    500, "seaking-proxy failed to handle this request (a bug: its log says what went wrong); it was not sent upstream.",
+    "proxy_internal_error",
+)
 
 # Never copied from the upstream: they describe the upstream connection or a body encoding aiohttp already undid.
 _NOT_FORWARDED = frozenset(
@@ -104,7 +112,7 @@ def _is_error_document(body: bytes) -> bool:
 
 
 def final_answer(
-    outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float, started: float, api: Dialect
+    outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float, started: float, api: Dialect
 ) -> http.Response:
     """The answer to a request that nothing has been sent for yet."""
     last = outcome.last
@@ -116,7 +124,7 @@ def final_answer(
     return api.error_response(gave_up(outcome, policy, elapsed))
 
 
-def failure_in_stream(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
+def failure_in_stream(outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
     """Any outcome but a stream, as the error event of a stream that has already begun (with heartbeats)."""
     last = outcome.last
     if last.classification.verdict is Verdict.RETRY:
@@ -127,7 +135,7 @@ def failure_in_stream(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, el
     )
 
 
-def gave_up(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
+def gave_up(outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
     """Every attempt failed: say what happened last, and after how many attempts.
 
     The status: a Retry-After past the deadline is 429 with retry_after; the upstream's own status when it kept
@@ -173,3 +181,18 @@ def gave_up(outcome: Outcome[UpstreamAttempt], policy: RetryPolicy, elapsed: flo
     # the upstream's own message is.
     short = f"{textwrap.shorten(detail, 120, placeholder='...')}; {tried}"
     return ProxyError(status, f"{detail}; {tried}.", code, retry_after=retry_after, attempts=attempts, short=short)
+
+
+def seaking_headers(outcome: Outcome[Attempt]) -> dict[str, str]:
+    """Where an answer came from: attempts, the target's host (never its URL or key), the model."""
+    last = outcome.last
+    headers = {"x-seaking-attempts": str(outcome.attempts), "x-seaking-target": last.target.host}
+    if last.model:
+        headers["x-seaking-model"] = last.model
+    return headers
+
+
+def internal_error(flow: http.HTTPFlow, api: Dialect) -> http.Response:
+    """The answer to a request a bug of ours broke off; the log says what went wrong."""
+    logger.exception(f"{flow.request.method} {flow.request.path}: seaking-proxy failed to handle the request")
+    return api.error_response(INTERNAL_ERROR)

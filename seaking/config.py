@@ -23,6 +23,8 @@ import yaml
 from retry_policy import RetryPolicy
 from seaking.outbound import proxy_problem
 
+# The retry defaults live in one place, the policy itself; config.yaml repeats them (tests/test_config.py checks it).
+DEFAULT_POLICY = RetryPolicy()
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"  # beside addon.py
 ENV_API_KEY = "SEAKING_API_KEY"
 ENV_ACCESS_KEY = "SEAKING_ACCESS_KEY"
@@ -40,24 +42,24 @@ def _range(low: float | None = None, high: float | None = None) -> dict:
 class TargetProxySection:
     url: str | None = None
     api_key: str | None = None
-    timeout: float = field(default=30, metadata=_range(low=0.001))
+    timeout: float = field(default=DEFAULT_POLICY.per_try_timeout, metadata=_range(low=0.001))
     # max_retries and retry_delay are the same settings as error_handling.max_retries and error_handling.base_delay:
     # the product spec names them twice. Either spelling may be used; if both are given they must agree.
     max_retries: int | None = field(default=None, metadata=_range(low=0))
     retry_delay: float | None = field(default=None, metadata=_range(low=0))
-    retry_backoff: float = field(default=2, metadata=_range(low=1))
+    retry_backoff: float = field(default=DEFAULT_POLICY.backoff, metadata=_range(low=1))
     weight: float = field(default=1, metadata=_range(low=0))  # with load_balancing: weighted
     proxy: str | None = None  # http://, https://, socks5:// or socks5h:// proxy; else HTTPS_PROXY etc. (outbound.py)
 
 
 @dataclass(frozen=True)
 class ErrorHandlingSection:
-    retry_codes: tuple[int, ...] = (429, 500, 502, 503, 504, 520, 521, 522, 523, 529)
-    fail_codes: tuple[int, ...] = (400, 401, 403)
+    retry_codes: tuple[int, ...] = tuple(sorted(DEFAULT_POLICY.retry_codes))
+    fail_codes: tuple[int, ...] = tuple(sorted(DEFAULT_POLICY.fail_codes))
     max_retries: int | None = field(default=None, metadata=_range(low=0))
     base_delay: float | None = field(default=None, metadata=_range(low=0))
-    max_delay: float = field(default=60, metadata=_range(low=0))
-    deadline: float = field(default=300, metadata=_range(low=0.001))
+    max_delay: float = field(default=DEFAULT_POLICY.max_delay, metadata=_range(low=0))
+    deadline: float = field(default=DEFAULT_POLICY.deadline, metadata=_range(low=0.001))
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,8 @@ class Config:
 # Defaults for the settings the spec spells twice; applied after the two spellings are reconciled.
 _TWIN_KEYS = {
     # (target_proxy key, error_handling key): default
-    ("max_retries", "max_retries"): 3,
-    ("retry_delay", "base_delay"): 1,
+    ("max_retries", "max_retries"): DEFAULT_POLICY.max_retries,
+    ("retry_delay", "base_delay"): DEFAULT_POLICY.base_delay,
 }
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import abc
 import json
-import re
 from collections.abc import Container
+from dataclasses import dataclass
 
 from mitmproxy import http
 
@@ -23,6 +23,30 @@ from seaking.errors import ProxyError, reason_phrase
 from seaking.routing import ANTHROPIC_ENDPOINTS, endpoint_of
 
 DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens the upstream reported for a reply: the prompt's (Anthropic: input, cache reads and writes) and the
+    reply's own."""
+
+    prompt: int = 0
+    completion: int = 0
+
+
+@dataclass(frozen=True)
+class EventFacts:
+    """What one SSE event's data says, as far as the proxy cares."""
+
+    text: str = ""  # reply text it adds (choice 0's content; Anthropic: a text block's text)
+    content: bool = False  # it carries something the client shows: text, a tool call, reasoning, a refusal
+    tool_call: bool = False  # a tool call or function call (its arguments are not text)
+    reasoning: bool = False  # reasoning or thinking content
+    other_choice: bool = False  # a choice other than the first (n > 1)
+    finish: bool = False  # it says the reply is complete, even if the stream's own last event never comes
+    end: bool = False  # the stream's own last event
+    error: bool = False
+    usage: Usage | None = None  # the usage it reports (Anthropic: message_start's input, message_delta's output)
 
 
 class Dialect(abc.ABC):
@@ -46,16 +70,8 @@ class Dialect(abc.ABC):
         """The SSE event that reports an error once a stream has begun."""
 
     @abc.abstractmethod
-    def is_end(self, payload: bytes) -> bool:
-        """The data of a stream's last event."""
-
-    @abc.abstractmethod
-    def is_finish(self, payload: bytes) -> bool:
-        """Data that says the reply is complete, even if the stream's own last event never comes."""
-
-    def is_preamble(self, payload: bytes) -> bool:
-        """Data of an event that carries no content yet, so that an error after it can still be retried."""
-        return False
+    def read_event(self, payload: bytes) -> EventFacts:
+        """What the data of one SSE event says. Never raises: data that is not what the API sends is content."""
 
     @abc.abstractmethod
     def whole_as_stream(self, body: bytes) -> bytes | None:
@@ -86,7 +102,6 @@ class OpenAIDialect(Dialect):
         413: "invalid_request_error",
         429: "rate_limit_error",
     }
-    _FINISH = re.compile(rb'"finish_reason"\s*:\s*"')
 
     def error_document(self, error: ProxyError) -> dict:
         default_type = self._TYPES.get(error.status, "api_error" if error.status < 500 else "upstream_error")
@@ -96,11 +111,40 @@ class OpenAIDialect(Dialect):
         # SillyTavern shows its message; the openai SDK raises it as APIError.
         return b"data: " + json.dumps(self.error_document(error)).encode() + b"\n\n"
 
-    def is_end(self, payload: bytes) -> bool:
-        return payload == b"[DONE]"
-
-    def is_finish(self, payload: bytes) -> bool:
-        return self._FINISH.search(payload) is not None
+    def read_event(self, payload: bytes) -> EventFacts:
+        if payload == b"[DONE]":
+            return EventFacts(end=True)
+        document = _json_object(payload)
+        if document is None:
+            return EventFacts(content=True)
+        if _is_error(document):
+            return EventFacts(error=True)
+        text, tool_call, reasoning, other_choice, finish = "", False, False, False, False
+        choices = document.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("index", 0) != 0:
+                other_choice = True
+                continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            for piece in (delta.get("content"), choice.get("text")):  # chat, text completions
+                if isinstance(piece, str):
+                    text += piece
+            tool_call = tool_call or bool(delta.get("tool_calls") or delta.get("function_call"))
+            reasoning = reasoning or bool(delta.get("reasoning_content") or delta.get("reasoning"))
+            finish = finish or bool(choice.get("finish_reason"))
+        finish = finish or bool(document.get("finish_reason"))  # where a few upstreams put it
+        usage = document.get("usage")
+        return EventFacts(
+            text=text,
+            content=True,
+            tool_call=tool_call,
+            reasoning=reasoning,
+            other_choice=other_choice,
+            finish=finish,
+            usage=_openai_usage(usage) if isinstance(usage, dict) else None,
+        )
 
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A chat or text completion as one chunk event per choice, then [DONE]."""
@@ -134,7 +178,6 @@ class AnthropicDialect(Dialect):
         504: "timeout_error",
         529: "overloaded_error",
     }
-    _STOP = re.compile(rb'"type"\s*:\s*"message_stop"')
 
     def error_document(self, error: ProxyError) -> dict:
         default_type = "invalid_request_error" if 400 <= error.status < 500 else "api_error"
@@ -144,23 +187,35 @@ class AnthropicDialect(Dialect):
     def error_event(self, error: ProxyError) -> bytes:
         return _named_event("error", self.error_document(error))
 
-    def is_end(self, payload: bytes) -> bool:
-        return self._STOP.search(payload) is not None
-
-    def is_finish(self, payload: bytes) -> bool:
-        return self.is_end(payload)  # message_delta's stop_reason is not enough: clients wait for message_stop
-
-    def is_preamble(self, payload: bytes) -> bool:
-        # Only the events before the first content are judged, so parsing each costs nothing worth saving.
-        event = _json_object(payload) or {}
-        kind = event.get("type")
-        if kind in ("ping", "content_block_stop", "message_delta"):
-            return True
+    def read_event(self, payload: bytes) -> EventFacts:
+        document = _json_object(payload)
+        if document is None:
+            return EventFacts(content=True)
+        kind = document.get("type")
+        if kind == "error" or document.get("error"):
+            return EventFacts(error=True)
+        if kind == "message_stop":
+            return EventFacts(end=True)
+        if kind == "ping":
+            return EventFacts()
         if kind == "message_start":
-            return not _has_text((event.get("message") or {}).get("content"))
+            message = document.get("message") if isinstance(document.get("message"), dict) else {}
+            usage = message.get("usage")
+            text = _text_of(message.get("content"))
+            return EventFacts(text=text, content=_has_text(message.get("content")), usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
         if kind == "content_block_start":
-            return not _has_text([event.get("content_block")])
-        return False  # content_block_delta, message_stop, and event types Anthropic may add
+            block = document.get("content_block") if isinstance(document.get("content_block"), dict) else {}
+            text = _text_of([block])
+            return EventFacts(text=text, content=bool(text) or bool(block.get("thinking")), **_block_kind(block.get("type")))
+        if kind == "content_block_delta":
+            delta = document.get("delta") if isinstance(document.get("delta"), dict) else {}
+            text = delta.get("text") if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str) else ""
+            return EventFacts(text=text, content=True, **_block_kind(delta.get("type")))
+        if kind in ("content_block_stop", "message_delta"):
+            # message_delta's stop_reason is not enough: clients wait for message_stop.
+            usage = document.get("usage")
+            return EventFacts(usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
+        return EventFacts(content=True)  # event types Anthropic may add
 
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A message as the events Anthropic would have streamed: text as one text_delta per block (what SillyTavern
@@ -221,3 +276,37 @@ def _json_object(body: bytes) -> dict | None:
 
 def _has_text(blocks) -> bool:
     return isinstance(blocks, list) and any(isinstance(b, dict) and (b.get("text") or b.get("thinking")) for b in blocks)
+
+
+def _is_error(document: dict) -> bool:
+    """OpenAI's error object, or Anthropic's error document."""
+    return bool(document.get("error") or document.get("type") == "error")
+
+
+def _text_of(blocks) -> str:
+    """The text of Anthropic content blocks."""
+    if not isinstance(blocks, list):
+        return ""
+    return "".join(b["text"] for b in blocks if isinstance(b, dict) and b.get("type", "text") == "text" and isinstance(b.get("text"), str))
+
+
+def _block_kind(kind) -> dict:
+    """EventFacts' flags for an Anthropic content block (or delta) type."""
+    if kind in ("tool_use", "server_tool_use", "input_json_delta"):
+        return {"tool_call": True}
+    if kind in ("thinking", "redacted_thinking", "thinking_delta", "signature_delta"):
+        return {"reasoning": True}
+    return {}
+
+
+def _tokens(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _openai_usage(usage: dict) -> Usage:
+    return Usage(_tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens")))
+
+
+def _anthropic_usage(usage: dict) -> Usage:
+    prompt = sum(_tokens(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    return Usage(prompt, _tokens(usage.get("output_tokens")))

@@ -1,35 +1,50 @@
 """What mitmweb's flow list says about a request at a glance: a mark, and the attempt history as the flow's comment
 (the same line goes to the log). Made from the flow's record once its answer is complete:
 
-    2 attempts: timeout, 200 in 5.0 s                                                marked 🔁
-    4 attempts: 503 ×4 → gave up (502 by seaking-proxy) in 0.7 s                     marked ❌
-    4 attempts: 503 ×4 → models from cache in 0.7 s                                  marked 🔁
-    stream ended with an error event (stream_interrupted); 1 attempt: 200 in 0.4 s   marked ❌
+    2 attempts: timeout, 200 in 5.0 s                                                  marked 🔁
+    4 attempts: 503 ×4 → gave up (502 by seaking-proxy) in 0.7 s                       marked ❌
+    4 attempts: 503 ×4 → models from cache in 0.7 s                                    marked 🔁
+    1 attempt: 200, stream broke after 412 chars in 3.1 s (stream_interrupted)         marked ❌
 
-Every attempt is counted (runs of three or more of the same outcome as "503 ×4"). A failure that the status cannot
-show, because a stream had already been answered 200, comes first.
+Every attempt is counted (runs of three or more of the same outcome as "503 ×4"). A request answered at its first
+attempt, whole, gets no note: most requests, and nothing to say.
 """
 
 from __future__ import annotations
 
 import logging
 from itertools import groupby
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from seaking.flows import RECORD_KEY, is_client_flow
+from seaking.flows import is_client_flow
+from seaking.records import AnsweredBy, AttemptRecord, FlowRecord
+from seaking.shutdown import SHUTDOWN_CODE
+
+if TYPE_CHECKING:
+    from seaking.records import Records
 
 logger = logging.getLogger("seaking")
 
 RETRIED_MARK = ":repeat:"  # 🔁
 FAILED_MARK = ":x:"  # ❌: the proxy gave up, or ended a stream with an error event
-_ANSWERED_FROM_STORE = {"models cache": "models from cache", "models fallback": "models from models.fallback"}
+# How a stream that had begun ended, when it did not end well: by the error code it was ended with.
+STREAM_PROBLEMS = {
+    "stream_interrupted": "broke",
+    "stream_idle_timeout": "went silent",
+    "stream_incomplete": "ended early",
+    SHUTDOWN_CODE: "was cut off by the shutdown",
+}
 
 
 class FlowNotes:
-    """mitmproxy addon: marks and comments client flows from their record (see flows.py)."""
+    """mitmproxy addon: marks and comments client flows from their record (records.py)."""
 
     name = "seaking.flow_notes"
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._annotate(flow)
@@ -38,12 +53,10 @@ class FlowNotes:
         self._annotate(flow)
 
     def _annotate(self, flow: http.HTTPFlow) -> None:
-        if not is_client_flow(flow):
+        record = self.records.peek(flow) if is_client_flow(flow) else None
+        if record is None or not record.attempts:
             return
-        flow_record = flow.metadata.get(RECORD_KEY, {})
-        if not flow_record.get("attempts"):
-            return
-        mark, comment = notes(flow_record)
+        mark, comment = notes(record)
         if mark:
             flow.marked = mark
         if comment:
@@ -52,43 +65,58 @@ class FlowNotes:
             log(f"{flow.request.method} {flow.request.path}: {comment}")
 
 
-def notes(flow_record: dict) -> tuple[str, str]:
-    """The mark and comment for a client flow's record; ("", "") for an answer at the first attempt."""
-    attempts = flow_record["attempts"]
-    answered_by = flow_record["answered_by"]
-    stream_error = flow_record.get("stream_error")
-    gave_up = answered_by == "seaking-proxy" and flow_record["verdict"] == "retry"
-    if gave_up:
-        ending = "gave up" if stream_error else f"gave up ({flow_record['status']} by seaking-proxy)"
+def notes(record: FlowRecord) -> tuple[str, str]:
+    """The mark and comment for a client flow's record; ("", "") for a whole answer at the first attempt."""
+    attempts = record.attempts
+    stream_error = record.stream_error
+    if record.gave_up:
+        ending = "→ gave up" if stream_error else f"→ gave up ({record.status} by seaking-proxy)"
+    elif record.answered_by in (AnsweredBy.MODELS_CACHE, AnsweredBy.MODELS_FALLBACK):
+        ending = "→ models from cache" if record.answered_by is AnsweredBy.MODELS_CACHE else "→ models from models.fallback"
+    elif stream_error:
+        ending = describe_stream_end(record, record.duration or record.elapsed or 0.0)
     else:
-        ending = _ANSWERED_FROM_STORE.get(answered_by)
-    if gave_up or stream_error:
+        ending = ""
+    if record.gave_up or stream_error:
         mark = FAILED_MARK
     else:
         mark = RETRIED_MARK if len(attempts) > 1 else ""
-    if len(attempts) == 1 and not ending and not stream_error:
+    if len(attempts) == 1 and not ending:
         return mark, ""
-    comment = describe_history(attempts, flow_record["elapsed"], ending)
+    comment = describe_history(attempts, record.elapsed or 0.0, ending)
     if stream_error:
-        comment = f"stream ended with an error event ({stream_error}); {comment}"
+        comment += f" ({stream_error})"
     return mark, comment
 
 
-def describe_history(attempts: list[dict], total_seconds: float, ending: str | None = None) -> str:
+def describe_stream_end(record: FlowRecord, seconds: float) -> str:
+    """How a relayed stream ended: '→ success', or 'stream broke after 412 chars in 0.1 s'."""
+    problem = record.stream_error
+    if problem is None:
+        return "→ success"
+    what = STREAM_PROBLEMS.get(problem, "ended with an error event")
+    chars = record.reply_chars or 0
+    return f"stream {what} after {chars:,} char{'' if chars == 1 else 's'} in {seconds:.1f} s"
+
+
+def describe_history(attempts: list[AttemptRecord], total_seconds: float, ending: str = "") -> str:
     """Every attempt, and how the request ended when no attempt's answer did: '3 attempts: 503 ×2, 200 in 1.4 s',
     '4 attempts: 503 ×3, timeout → gave up (504 by seaking-proxy) in 9.1 s'. With several targets or models, each
-    attempt names where it went: '2 attempts: 503 a.example, 200 b.example in 0.3 s'."""
-    hosts = len({a["target"] for a in attempts if a["target"]}) > 1
-    models = len({a["model"] for a in attempts}) > 1
+    attempt names where it went: '2 attempts: 503 a.example, 200 b.example in 0.3 s'. An ending that is not an arrow
+    ('stream broke after …') says its own time."""
+    hosts = len({a.target for a in attempts if a.target}) > 1
+    models = len({a.model for a in attempts}) > 1
     labels = [
-        " ".join([a["label"]] + ([a["target"]] if hosts and a["target"] else []) + ([str(a["model"])] if models else []))
+        " ".join([a.label] + ([a.target] if hosts and a.target else []) + ([str(a.model)] if models else []))
         for a in attempts
     ]
     noun = "attempt" if len(attempts) == 1 else "attempts"
-    history = ", ".join(counted_runs(labels))
+    history = f"{len(attempts)} {noun}: {', '.join(counted_runs(labels))}"
+    if ending and not ending.startswith("→"):
+        return f"{history}, {ending}"
     if ending:
-        history += f" → {ending}"
-    return f"{len(attempts)} {noun}: {history} in {total_seconds:.1f} s"
+        history += f" {ending}"
+    return f"{history} in {total_seconds:.1f} s"
 
 
 def counted_runs(labels: list[str]) -> list[str]:

@@ -1,40 +1,10 @@
-"""Which flows are the proxy's, and what its addons tell each other about one: the flow's record.
-
-The record lives in `flow.metadata["seaking"]`, mitmproxy's own place for per-flow notes (proxyauth keeps its user
-there): it travels with the flow, is saved in `-w` recordings and can be filtered with `~meta`. So it holds plain data
-only, and never a key. Its fields, each set by one addon:
-
-    refused        AccessGuard   the error code of a request refused before its body was read (GracefulShutdown:
-                                 proxy_shutdown, for a request that arrived during a shutdown)
-    endpoint       Exchange      "chat/completions", "models", ... (None for other paths)
-    client_path    Exchange      the path as the client sent it (the flow's URL shows the true upstream)
-    attempts       Exchange      one dict per upstream attempt: label, status, target, model, verdict, failure (what
-                                 failed in a retried attempt: status, network, timeout, broken), detail, seconds,
-                                 wait_before (seconds since the attempt before it ended); AttemptFlows adds "flow",
-                                 the id of the attempt's own flow
-    elapsed        Exchange      seconds from the request to the answer (or to the stream's start)
-    verdict        Exchange      the last attempt's verdict: success, pass_through, fail_fast or retry
-    stopped        Exchange      why the attempts stopped: answered, attempts, deadline or budget (retry_policy.StopReason)
-    answered_by    Exchange      "upstream" or "seaking-proxy"; ModelsCache: "models cache" or "models fallback"
-    status         Exchange      the status the client got
-    stream_error   Exchange      the error code a stream was ended with
-    heartbeats     Exchange      True when a stream was answered 200 with heartbeats before the upstream answered
-    ended_early    Exchange      the error code a request was answered with before its exchange was over (proxy_shutdown)
-
-An attempt flow (one upstream attempt, shown beside its client's flow; attempt_flows.py) has its own record:
-
-    attempt_of     AttemptFlows  the id of the client's flow
-    attempt        AttemptFlows  its number (1 = the first), and label, status, target, model, verdict, detail,
-                                 seconds, wait_before as in the client's record; stream_error on the stream relayed
-"""
+"""Which flows are the proxy's, whether anyone can look at flows, and where a flow shows it went."""
 
 from __future__ import annotations
 
 from urllib.parse import SplitResult, urlsplit
 
-from mitmproxy import connection, http
-
-RECORD_KEY = "seaking"
+from mitmproxy import connection, ctx, http
 
 
 def is_client_flow(flow: http.HTTPFlow) -> bool:
@@ -43,18 +13,15 @@ def is_client_flow(flow: http.HTTPFlow) -> bool:
     return flow.live
 
 
-def record(flow: http.HTTPFlow) -> dict:
-    return flow.metadata.setdefault(RECORD_KEY, {})
-
-
-def is_answered(flow: http.HTTPFlow) -> bool:
-    """Whether an earlier addon has answered the flow (or refused it before its body was read)."""
-    return flow.response is not None or "refused" in flow.metadata.get(RECORD_KEY, {})
-
-
 def is_replay(flow: http.HTTPFlow) -> bool:
     """A flow replayed from mitmweb (or `replay.client`): nobody is waiting for it on a client connection."""
     return flow.is_replay == "request"
+
+
+def flows_are_seen() -> bool:
+    """Whether flows are shown to anyone: a flow list (mitmweb, mitmproxy's console) or a recording (-w). Plain
+    mitmdump without -w prints a line per flow and keeps none, so what only a flow shows need not be made there."""
+    return ctx.master.addons.get("view") is not None or bool(ctx.options.save_stream_file)
 
 
 def show_upstream(flow: http.HTTPFlow, url: str) -> None:

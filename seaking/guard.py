@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import hmac
 import json
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
 from seaking.dialects import dialect_of
 from seaking.errors import ProxyError
-from seaking.flows import is_answered, is_client_flow, is_replay, record
+from seaking.flows import is_client_flow, is_replay
 from seaking.redaction import bearer_token
-from seaking.relay import RelayJob
+from seaking.relay import WholeAnswer
 from seaking.routing import route
+
+if TYPE_CHECKING:
+    from seaking.shared import Shared
 
 
 class AccessGuard:
@@ -27,7 +31,7 @@ class AccessGuard:
 
     name = "seaking.guard"
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -38,14 +42,14 @@ class AccessGuard:
         if refusal is not None:
             flow.request.headers.pop("expect", None)  # no "100 Continue": the client need not send the body at all
             flow.request.stream = _discard  # what it sends anyway is read and dropped, so that it can read the answer
-            record(flow)["refused"] = refusal.code
-            await self.shared.relay.serve(flow, RelayJob.whole(dialect_of(flow.request).error_response(refusal)))
+            self.shared.records.of(flow).refused = refusal.code
+            await self.shared.relay.serve(flow, WholeAnswer(dialect_of(flow.request).error_response(refusal)))
         elif _length_undeclared(flow.request):
-            flow.request.stream = CappedBody(self.shared.config.server.max_body_bytes, lambda: self._cut_off(flow))
+            flow.request.stream = CappedBody(self._max_body_bytes(), lambda: self._cut_off(flow))
             await self.shared.relay.bind(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not is_client_flow(flow) or is_answered(flow):
+        if not is_client_flow(flow) or self.shared.records.is_answered(flow):
             return
         if isinstance(flow.request.stream, CappedBody):
             flow.request.raw_content = flow.request.stream.collected()
@@ -54,11 +58,11 @@ class AccessGuard:
             flow.response = dialect_of(flow.request).error_response(problem)
 
     def _cut_off(self, flow: http.HTTPFlow) -> None:
-        record(flow)["refused"] = "request_too_large"
-        self.shared.relay.serve_now(flow, RelayJob.whole(dialect_of(flow.request).error_response(self._too_large())))
+        self.shared.records.of(flow).refused = "request_too_large"
+        self.shared.relay.serve_now(flow, WholeAnswer(dialect_of(flow.request).error_response(self._too_large())))
 
     def _check_access(self, flow: http.HTTPFlow) -> ProxyError | None:
-        access_key = self.shared.config.server.access_key
+        access_key = self.shared.snapshot.config.server.access_key
         if not access_key:
             return None
         # As a Bearer token (OpenAI's clients), or as x-api-key (Anthropic's: SillyTavern's Claude source sends its
@@ -79,17 +83,20 @@ class AccessGuard:
 
     def _check_declared_size(self, request: http.Request) -> ProxyError | None:
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.shared.config.server.max_body_bytes:
+        if declared.isdigit() and int(declared) > self._max_body_bytes():
             return self._too_large()
         return None
 
     def _check_size(self, request: http.Request) -> ProxyError | None:
-        if len(request.raw_content or b"") > self.shared.config.server.max_body_bytes:
+        if len(request.raw_content or b"") > self._max_body_bytes():
             return self._too_large()
         return None
 
+    def _max_body_bytes(self) -> int:
+        return self.shared.snapshot.config.server.max_body_bytes
+
     def _too_large(self) -> ProxyError:
-        limit = self.shared.config.server.max_body_bytes
+        limit = self._max_body_bytes()
         return ProxyError(
             413,
             f"Request body is larger than server.max_body_bytes ({limit} bytes); it was not sent upstream.",
@@ -100,7 +107,7 @@ class AccessGuard:
     def _read_json_body(self, flow: http.HTTPFlow) -> ProxyError | None:
         """A JSON endpoint's POST body must be a JSON object; what the exchange needs of it goes into the record."""
         request = flow.request
-        if request.method != "POST" or not route(self.shared.failover.pool.targets[0].base_url, request.path).expects_json_body:
+        if request.method != "POST" or not route(self.shared.snapshot.failover.targets[0].base_url, request.path).expects_json_body:
             return None
         try:
             document = json.loads(request.get_content(strict=False) or b"")
@@ -109,7 +116,8 @@ class AccessGuard:
         else:
             if isinstance(document, dict):
                 model = document.get("model")
-                record(flow).update(model=model if isinstance(model, str) else None, stream=document.get("stream") is True)
+                record = self.shared.records.of(flow)
+                record.model, record.stream = model if isinstance(model, str) else None, document.get("stream") is True
                 return None
             problem = "Request body must be a JSON object; it was not sent upstream."
         return ProxyError(400, problem, "invalid_json", type="invalid_request_error")

@@ -1,6 +1,6 @@
 """Prometheus metrics: `GET /_seaking/metrics` on the proxy's port (behind the access key, if one is set).
 
-Made with prometheus_client. The facts come from each client flow's record once the flow is over (flows.py) and from
+Made with prometheus_client. The facts come from each client flow's record once the flow is over (records.py) and from
 the targets when Prometheus scrapes (targets.py): the exchange counts nothing itself. Labels carry API endpoints
 ("chat/completions"), targets as host[:port] and a few fixed words: never a key, a prompt or a URL path.
 """
@@ -8,15 +8,21 @@ the targets when Prometheus scrapes (targets.py): the exchange counts nothing it
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from seaking.flows import RECORD_KEY, is_answered, is_client_flow
-from seaking.routing import route
+from retry_policy import Failure, StopReason, Verdict
+from seaking.flows import is_client_flow
+from seaking.records import AnsweredBy, AttemptRecord, FlowRecord
+from seaking.routing import endpoint_of
 from seaking.shutdown import SHUTDOWN_CODE
 from seaking.streaming import is_event_stream
+
+if TYPE_CHECKING:
+    from seaking.shared import Shared
 
 METRICS_PATH = "/_seaking/metrics"
 OWN_PATHS = "/_seaking/"  # the proxy's own endpoints are not API requests
@@ -25,36 +31,30 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 BREAKER_STATES = ("closed", "open", "half_open", "unknown")
 
 
-def request_outcome(flow_record: dict, failed: bool) -> str:
+def request_outcome(record: FlowRecord, failed: bool) -> str:
     """How a client request ended, in one word. `failed`: the flow ended in an error (the client left, mostly)."""
-    if flow_record.get("refused"):
-        return "shutdown" if flow_record["refused"] == SHUTDOWN_CODE else "refused"
-    if SHUTDOWN_CODE in (flow_record.get("ended_early"), flow_record.get("stream_error")):
+    if record.refused:
+        return "shutdown" if record.refused == SHUTDOWN_CODE else "refused"
+    if SHUTDOWN_CODE in (record.ended_early, record.stream_error):
         return "shutdown"
     if failed:
         return "client_left"
-    if flow_record.get("stream_error"):
+    if record.stream_error:
         return "stream_error"
-    if flow_record.get("answered_by") in ("models cache", "models fallback"):
+    if record.answered_by in (AnsweredBy.MODELS_CACHE, AnsweredBy.MODELS_FALLBACK):
         return "models_cache"
-    verdict = flow_record.get("verdict")
-    if verdict is None:
+    if record.verdict is None:
         return "refused"  # answered by the proxy before any attempt: a body that is not JSON, ...
-    return "gave_up" if verdict == "retry" else verdict  # success, pass_through, fail_fast
+    return "gave_up" if record.verdict is Verdict.RETRY else record.verdict.value  # success, pass_through, fail_fast
 
 
-def attempt_result(attempt: dict) -> str:
+def attempt_result(attempt: AttemptRecord) -> str:
     """success, pass_through, fail_fast; or what failed: http_<status>, network, timeout, broken."""
-    if attempt["verdict"] != "retry":
-        return attempt["verdict"]
-    if attempt.get("failure") == "status" and attempt.get("status"):
-        return f"http_{attempt['status']}"
-    return attempt.get("failure") or "unknown"
-
-
-def endpoint_of(flow: http.HTTPFlow, flow_record: dict) -> str:
-    endpoint = flow_record.get("endpoint") or route("http://any", flow.request.path).endpoint
-    return endpoint or "other"
+    if attempt.verdict is not Verdict.RETRY:
+        return attempt.verdict.value
+    if attempt.failure is Failure.STATUS and attempt.status:
+        return f"http_{attempt.status}"
+    return attempt.failure.value if attempt.failure else "unknown"
 
 
 class Metrics:
@@ -62,7 +62,7 @@ class Metrics:
 
     name = "seaking.metrics"
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
         # A registry of its own (not prometheus_client's global one): a script reload makes a fresh addon.
         self.registry = CollectorRegistry()
@@ -99,7 +99,7 @@ class Metrics:
         registry.register(_TargetStates(shared))
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not is_client_flow(flow) or is_answered(flow):
+        if not is_client_flow(flow) or self.shared.records.is_answered(flow):
             return
         if flow.request.path == METRICS_PATH and flow.request.method == "GET":
             flow.response = http.Response.make(200, generate_latest(self.registry), {"content-type": CONTENT_TYPE_LATEST})
@@ -118,36 +118,34 @@ class Metrics:
         self._streams.discard(flow.id)
         if not is_client_flow(flow) or flow.request.path.startswith(OWN_PATHS):
             return
-        flow_record = flow.metadata.get(RECORD_KEY, {})
-        endpoint = endpoint_of(flow, flow_record)
-        stream = "true" if flow_record.get("stream") else "false"
-        self.requests.labels(endpoint, request_outcome(flow_record, failed)).inc()
+        record = self.shared.records.of(flow)
+        endpoint = record.endpoint or endpoint_of(flow.request.path) or "other"
+        stream = "true" if record.stream else "false"
+        self.requests.labels(endpoint, request_outcome(record, failed)).inc()
         self.duration.labels(endpoint, stream).observe(max(0.0, time.time() - flow.request.timestamp_start))
-        attempts = flow_record.get("attempts") or []
-        for attempt in attempts:
-            self.attempts.labels(attempt["target"] or "none", attempt_result(attempt)).inc()
-        if len(attempts) > 1:
-            self.retries.labels(endpoint).inc(len(attempts) - 1)
-        if "elapsed" in flow_record:
-            self.first_byte.labels(endpoint, stream).observe(flow_record["elapsed"])
-        if flow_record.get("verdict") == "retry":
-            self.give_ups.labels(flow_record["stopped"]).inc()
-            if flow_record["stopped"] == "budget":
+        for attempt in record.attempts:
+            self.attempts.labels(attempt.target or "none", attempt_result(attempt)).inc()
+        if len(record.attempts) > 1:
+            self.retries.labels(endpoint).inc(len(record.attempts) - 1)
+        if record.elapsed is not None:
+            self.first_byte.labels(endpoint, stream).observe(record.elapsed)
+        if record.verdict is Verdict.RETRY and record.stopped is not None:
+            self.give_ups.labels(record.stopped.value).inc()
+            if record.stopped is StopReason.BUDGET:
                 self.budget_refusals.inc()
 
 
 class _TargetStates:
     """A prometheus_client collector: each target's breaker state, read when Prometheus scrapes."""
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
     def describe(self):
         return self._families([])
 
     def collect(self):
-        failover = self.shared.failover
-        return self._families(failover.pool.targets if failover else [])
+        return self._families(self.shared.snapshot.failover.targets if self.shared.loaded else [])
 
     @staticmethod
     def _families(targets) -> list:

@@ -16,11 +16,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from seaking.flows import RECORD_KEY, is_client_flow, record
+from retry_policy import Verdict
+from seaking.flows import is_client_flow
+from seaking.records import AnsweredBy, FlowRecord
 from seaking.routing import MODELS_ENDPOINT, route
+
+if TYPE_CHECKING:
+    from seaking.shared import Shared
 
 logger = logging.getLogger("seaking")
 
@@ -137,38 +143,39 @@ class ModelsCache:
 
     name = "seaking.models_cache"
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
     def request(self, flow: http.HTTPFlow) -> None:
-        flow_record = flow.metadata.get(RECORD_KEY, {})
-        if not is_client_flow(flow) or flow.response is None or flow_record.get("endpoint") != MODELS_ENDPOINT:
+        record = self.shared.records.peek(flow) if is_client_flow(flow) and flow.response is not None else None
+        if record is None or record.endpoint != MODELS_ENDPOINT:
             return
-        verdict = flow_record.get("verdict")  # none for a request the shutdown ended early
-        if verdict == "success":
+        if record.verdict is Verdict.SUCCESS:  # (none for a request the shutdown ended early)
             if is_models_list(flow.response.content):
-                self.shared.models.put(flow.request.url, flow.response.content)
-        elif verdict == "retry":
-            self._answer_from_store(flow, flow_record)
+                self.shared.snapshot.models.put(flow.request.url, flow.response.content)
+        elif record.verdict is Verdict.RETRY:
+            self._answer_from_store(flow, record)
 
-    def _answer_from_store(self, flow: http.HTTPFlow, flow_record: dict) -> None:
-        why = f"upstream unavailable ({flow_record['attempts'][-1]['detail']})"
-        stored = (self.shared.models.get(route(t.base_url, flow_record["client_path"]).url) for t in self.shared.failover.pool.targets)
+    def _answer_from_store(self, flow: http.HTTPFlow, record: FlowRecord) -> None:
+        snapshot = self.shared.snapshot
+        why = f"upstream unavailable ({record.attempts[-1].detail})"
+        stored = (snapshot.models.get(route(t.base_url, record.client_path).url) for t in snapshot.failover.targets)
         cached = next((c for c in stored if c), None)
         if cached is not None:
             age = cached.age()
             logger.warning(f"/models: {why}; serving the list cached {age} s ago")
-            answer, answered_by = _json_response(cached.body, {CACHE_HEADER: f"stale; age={age}", "age": str(age)}), "models cache"
-        elif self.shared.config.models.fallback:
+            answer = _json_response(cached.body, {CACHE_HEADER: f"stale; age={age}", "age": str(age)})
+            answered_by = AnsweredBy.MODELS_CACHE
+        elif snapshot.config.models.fallback:
             logger.warning(f"/models: {why}; serving models.fallback")
-            answer = _json_response(fallback_models_body(self.shared.config.models.fallback), {CACHE_HEADER: "fallback"})
-            answered_by = "models fallback"
+            answer = _json_response(fallback_models_body(snapshot.config.models.fallback), {CACHE_HEADER: "fallback"})
+            answered_by = AnsweredBy.MODELS_FALLBACK
         else:
             return
         # Where the answer would have come from: the exchange's x-seaking-* headers stay.
         answer.headers.update({k: v for k, v in flow.response.headers.items() if k.lower().startswith("x-seaking-")})
         flow.response = answer
-        record(flow).update(answered_by=answered_by, status=200)
+        record.answered_by, record.status = answered_by, 200
 
 
 def _json_response(body: bytes, headers: dict[str, str]) -> http.Response:

@@ -35,7 +35,7 @@ import yaml
 from mitmproxy import exceptions, http, io
 
 from seaking.flow_notes import counted_runs
-from seaking.flows import RECORD_KEY
+from seaking.records import RECORD_KEY
 from seaking.lab_upstream import LAB_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,12 +10,17 @@ replay it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mitmproxy import http
 
 from seaking.dialects import dialect_of
 from seaking.errors import ProxyError
-from seaking.flows import RECORD_KEY, is_answered, is_client_flow, is_replay
+from seaking.flows import is_client_flow, is_replay
 from seaking.relay import TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from seaking.shared import Shared
 
 
 class Replays:
@@ -23,24 +28,24 @@ class Replays:
 
     name = "seaking.replays"
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if not is_client_flow(flow) or not is_replay(flow):
             return
-        client_path = flow.metadata.get(RECORD_KEY, {}).get("client_path")
-        flow.metadata[RECORD_KEY] = {}
+        client_path = self.shared.records.of(flow).client_path
+        self.shared.records.restart(flow)
         flow.marked = flow.comment = ""
         flow.request.headers.pop(TOKEN_HEADER, None)  # left by a run that ended before the relay answered
         if client_path:
             flow.request.path = client_path
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not is_client_flow(flow) or not is_replay(flow) or is_answered(flow):
+        if not is_client_flow(flow) or not is_replay(flow) or self.shared.records.is_answered(flow):
             return
         missing = self.shared.redaction.missing_credentials(flow)
-        if missing and not all(target.api_key for target in self.shared.failover.pool.targets):
+        if missing and not all(target.api_key for target in self.shared.snapshot.failover.targets):
             flow.response = dialect_of(flow.request).error_response(key_gone(missing))
 
 

@@ -24,8 +24,9 @@ from retry_policy import RetryBudget
 from seaking.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from seaking.models_cache import ModelListStore
 from seaking.outbound import proxy_for
+from seaking.shared import Shared, Snapshot
 from seaking.targets import CircuitBreaker, Target, TargetPool
-from seaking.upstream import Failover
+from seaking.upstream_run import Failover
 
 logger = logging.getLogger("seaking")
 
@@ -48,7 +49,7 @@ class Settings:
 
     name = "seaking.settings"  # every addon of the proxy is named seaking.*: addon names share one namespace
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self._seen: bytes | None = None  # the version of the file last loaded, or last refused
         self._watcher: asyncio.Task | None = None
@@ -58,11 +59,6 @@ class Settings:
             "seaking_config", str, "",
             f"seaking-proxy config file (YAML or JSON), reloaded when it changes. Default: {DEFAULT_CONFIG_PATH}",
         )
-        if "store_streamed_bodies" not in loader.master.options:  # mitmproxy 12 has it built in, 11 does not
-            loader.add_option(
-                "store_streamed_bodies", bool, False, "Keep the bodies of streamed responses in the flow (mitmweb, -w)."
-            )
-            self.shared.relay.records_streamed_bodies = True
         # With mitmproxy's default (eager), an unreachable target closes every client connection before any hook
         # runs. We answer everything ourselves, so mitmproxy should connect only when a flow asks it to — from the
         # very first connection, so this is set as soon as the addon is loaded, before mitmproxy listens.
@@ -71,7 +67,7 @@ class Settings:
     def configure(self, updated: set[str]) -> None:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
-        if updated & {"seaking_config", "mode", "listen_host"} or self.shared.config is None:
+        if updated & {"seaking_config", "mode", "listen_host"} or not self.shared.loaded:
             # A bad file or path raises, and mitmproxy rolls the option back (mitmweb's Options editor too).
             try:
                 self._load(config_path())
@@ -89,9 +85,6 @@ class Settings:
     def done(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
-        # done must stay synchronous (script reload calls it so); the sockets close on the loop.
-        with contextlib.suppress(RuntimeError):  # no loop left at interpreter exit
-            asyncio.get_running_loop().create_task(self.shared.upstream.close())
 
     @command.command("seaking.reload")
     def reload_command(self) -> str:
@@ -110,37 +103,36 @@ class Settings:
                     self._load(path)
 
     def _load(self, path: Path) -> str:
-        """Load the config file into the shared state, or change nothing and raise ConfigError (logged once per
-        version of the file). Requests already under way keep what they started with: the exchange takes the config
-        and the targets once, at its start. Targets still configured keep their breaker and statistics."""
+        """Load the config file as the shared snapshot, or change nothing and raise ConfigError (logged once per
+        version of the file). Requests already under way keep the snapshot they started with. Targets still
+        configured keep their breaker and statistics."""
         version = file_version(path)
+        shared = self.shared
+        previous = shared.snapshot if shared.loaded else None
         try:
             config = load_config(path)
             problem = exposure_problem(config, ctx.options.listen_host, ctx.options.mode)
             if problem:
                 raise ConfigError(problem)
-            failover = build_failover(config, ctx.options.mode, previous=self.shared.failover)
+            failover = build_failover(config, ctx.options.mode, previous=previous.failover if previous else None)
         except ConfigError as e:
             error = ConfigError(f"seaking-proxy config {path}: {e}")
-            if self.shared.config is not None and version != self._seen:
+            if previous is not None and version != self._seen:
                 logger.error(f"{error}; still running on the config loaded before")
             self._seen = version
             raise error from None
         self._seen = version
-        shared = self.shared
-        reloading = shared.config is not None
-        kept = len(_breakers(failover) & _breakers(shared.failover)) if shared.failover else 0
-        if shared.models is None or shared.models.path != config.models_cache_path:
-            shared.models = ModelListStore(config.models_cache_path)
-        shared.config, shared.failover = config, failover  # together: a request sees the old pair or the new one
-        message = f"seaking-proxy config {path} loaded: {len(failover.pool.targets)} target(s), {kept} kept with their state"
-        if reloading:
+        models = previous.models if previous and previous.models.path == config.models_cache_path else None
+        shared.swap(Snapshot(config, failover, models or ModelListStore(config.models_cache_path)))
+        kept = len(_breakers(failover) & _breakers(previous.failover)) if previous else 0
+        message = f"seaking-proxy config {path} loaded: {len(failover.targets)} target(s), {kept} kept with their state"
+        if previous is not None:
             logger.info(message)
         return message
 
 
 def _breakers(failover: Failover) -> set[int]:
-    return {id(t.breaker) for t in failover.pool.targets}
+    return {id(t.breaker) for t in failover.targets}
 
 
 def config_path() -> Path:
@@ -161,7 +153,7 @@ def build_failover(config: Config, modes: list[str], previous: Failover | None =
     except ValueError as e:
         raise ConfigError(str(e)) from None
     earlier: dict[tuple, list[Target]] = {}
-    for target in previous.pool.targets if previous else ():
+    for target in previous.targets if previous else ():
         earlier.setdefault((target.base_url, target.proxy), []).append(target)
     settings = config.circuit_breaker
     targets = []

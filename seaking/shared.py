@@ -1,35 +1,64 @@
-"""The one object the addons share: the loaded config, what is built from it, and the parts every addon uses."""
+"""What the proxy's addons share: the parts they call on each other, and the loaded config as one snapshot."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from seaking.attempt_flows import AttemptFlows
 from seaking.config import Config
+from seaking.connections import ConnectionPools
 from seaking.models_cache import ModelListStore
+from seaking.records import Records
 from seaking.redaction import Redaction
 from seaking.relay import Relay
 from seaking.shutdown import ShutdownSignal
-from seaking.upstream import Failover, UpstreamClient
+from seaking.upstream_run import Failover
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a config file makes, swapped as a whole by a reload: a request takes the snapshot of its start and
+    keeps it to its end, so it sees the old config and targets or the new ones, never a mix."""
+
+    config: Config
+    failover: Failover  # the targets (their breakers carry over a reload), retry budget, model fallbacks
+    models: ModelListStore  # the /models cache (kept over a reload while its file stays the same)
+
+    @functools.cached_property
+    def secrets(self) -> frozenset[str]:
+        """The keys (and proxy passwords) the proxy holds: never to be shown anywhere."""
+        targets = self.failover.targets
+        keys = [t.api_key for t in targets] + [self.config.server.access_key]
+        keys += [t.proxy.password for t in targets if t.proxy]
+        return frozenset(k for k in keys if k)
 
 
 @dataclass
 class Shared:
-    # Set by Settings from config.yaml (and mitmproxy's --mode) before the first flow.
-    config: Config | None = None
-    failover: Failover | None = None
-    models: ModelListStore | None = None
-    # Parts that are addons themselves, and that other addons call.
+    """The one object addon.py hands to the addons that need each other's parts."""
+
+    records: Records = field(default_factory=Records)
     redaction: Redaction = field(default_factory=Redaction)
     relay: Relay = field(default_factory=Relay)
-    attempt_flows: AttemptFlows = field(default_factory=AttemptFlows)
-    # The aiohttp sessions (connection pools) every upstream request goes through.
-    upstream: UpstreamClient = field(default_factory=UpstreamClient)
-    # Resolves when the shutdown's grace period is over: what is still in flight must end now.
-    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
+    attempt_flows: AttemptFlows = field(init=False)
+    pools: ConnectionPools = field(default_factory=ConnectionPools)  # every upstream request goes through them
+    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)  # when requests in flight must end now
+    _snapshot: Snapshot | None = None
 
-    def configured_secrets(self) -> set[str]:
-        """The keys (and proxy passwords) the proxy holds: never to be shown anywhere."""
-        keys = [t.api_key for t in self.failover.pool.targets] + [self.config.server.access_key]
-        keys += [t.proxy.password for t in self.failover.pool.targets if t.proxy]
-        return {k for k in keys if k}
+    def __post_init__(self) -> None:
+        self.attempt_flows = AttemptFlows(self.records)
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The config in force. Settings loads it in `configure`, before mitmproxy serves a flow."""
+        if self._snapshot is None:
+            raise RuntimeError("seaking-proxy's config is not loaded: the Settings addon must come first")
+        return self._snapshot
+
+    @property
+    def loaded(self) -> bool:
+        return self._snapshot is not None
+
+    def swap(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot

@@ -18,12 +18,16 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from mitmproxy import ctx, http
 
 from seaking.dialects import dialect_of
 from seaking.errors import ProxyError
-from seaking.flows import is_answered, is_client_flow, record
+from seaking.flows import is_client_flow
+
+if TYPE_CHECKING:
+    from seaking.shared import Shared
 
 logger = logging.getLogger("seaking")
 
@@ -68,7 +72,7 @@ class GracefulShutdown:
 
     name = "seaking.shutdown"
 
-    def __init__(self, shared) -> None:
+    def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.signal: ShutdownSignal = shared.shutdown
         self._in_flight: set[str] = set()  # ids of client flows from their request headers to their end
@@ -79,10 +83,11 @@ class GracefulShutdown:
             self._in_flight.add(flow.id)
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if not self.draining or not is_client_flow(flow) or is_answered(flow) or flow.id in self._in_flight:
+        in_flight = flow.id in self._in_flight
+        if not self.draining or in_flight or not is_client_flow(flow) or self.shared.records.is_answered(flow):
             return
         # A new request on a connection that was open when the shutdown began.
-        record(flow)["refused"] = SHUTDOWN_CODE
+        self.shared.records.of(flow).refused = SHUTDOWN_CODE
         flow.response = dialect_of(flow.request).error_response(shutdown_error())
         flow.response.headers["connection"] = "close"
 
@@ -100,7 +105,7 @@ class GracefulShutdown:
     async def _drain(self) -> None:
         self.draining = True
         ctx.options.update(server=False)  # mitmproxy stops listening; open connections stay
-        grace = self.shared.config.server.shutdown_grace if self.shared.config else 0.0
+        grace = self.shared.snapshot.config.server.shutdown_grace if self.shared.loaded else 0.0
         if self._in_flight:
             logger.info(
                 f"Shutting down: waiting up to {grace:g} s for {len(self._in_flight)} request(s) in flight "

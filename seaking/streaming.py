@@ -10,30 +10,70 @@ error event in the request's API dialect (OpenAI: `data: {"error": ...}`, then `
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from retry_policy import Classification, Failure, Verdict
-from seaking.dialects import Dialect
+from seaking.dialects import Dialect, EventFacts
 from seaking.errors import ProxyError
+
+
+# What is kept of a relayed stream for its attempt flow (attempt_flows.py), when one is made.
+RECEIVED_LIMIT = 1024 * 1024
 
 
 def is_event_stream(content_type: str) -> bool:
     return content_type.lower().startswith("text/event-stream")
 
 
+@dataclass
+class Reply:
+    """What a stream's events have said so far about the reply in them."""
+
+    pieces: list[str] = field(default_factory=list)  # the reply text, as it came
+    deltas: int = 0  # events that carried content
+    tool_calls: bool = False
+    reasoning: bool = False
+    other_choices: bool = False
+    prompt_tokens: int | None = None  # as reported by the upstream
+    completion_tokens: int | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def chars(self) -> int:
+        return sum(map(len, self.pieces))
+
+    def add(self, facts: EventFacts) -> None:
+        if facts.text:
+            self.pieces.append(facts.text)
+        if facts.content:
+            self.deltas += 1
+        self.tool_calls |= facts.tool_call
+        self.reasoning |= facts.reasoning
+        self.other_choices |= facts.other_choice
+        if facts.usage is not None:
+            if facts.usage.prompt:
+                self.prompt_tokens = facts.usage.prompt
+            if facts.usage.completion:
+                self.completion_tokens = facts.usage.completion  # cumulative: the last report counts
+
+
 class SseWatcher:
-    """Follows an SSE byte stream without changing it: which events went by, and where the stream stands."""
+    """Follows an SSE byte stream without changing it: which events went by, what the reply says so far, and where
+    the stream stands."""
 
     def __init__(self, api: Dialect) -> None:
         self.api = api
         self._partial = b""  # an incomplete line
         self._event_open = False  # data lines seen since the last blank line
         self.data_lines = 0
+        self.reply = Reply()
         self.content_started = False  # data that is content went by (not an error, not a preamble event)
         self.error_first: bytes | None = None  # the data of an error event that came before any content
         self.saw_done = False  # the stream's own last event: [DONE], message_stop
@@ -55,16 +95,15 @@ class SseWatcher:
         self._event_open = True
         self.data_lines += 1
         payload = line[5:].strip()
-        if self.api.is_end(payload):
-            self.saw_done = True
-        elif self.api.is_finish(payload):
-            self.saw_finish = True
-        error = b'"error"' in payload and is_error_payload(payload)
-        self.saw_error |= error
+        facts = self.api.read_event(payload)
+        self.reply.add(facts)
+        self.saw_done |= facts.end
+        self.saw_finish |= facts.finish
+        self.saw_error |= facts.error
         if not self.content_started:
-            if error:
+            if facts.error:
                 self.error_first = self.error_first or payload
-            elif not self.api.is_preamble(payload):
+            elif facts.content or facts.end:
                 self.content_started = True
 
     def to_boundary(self) -> bytes:
@@ -89,36 +128,37 @@ class SseWatcher:
         return self.to_boundary() + error_event + api.end_of_stream, problem
 
 
-def is_error_payload(payload: bytes) -> bool:
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        return False
-    return isinstance(document, dict) and bool(document.get("error") or document.get("type") == "error")
+class UpstreamStream:
+    """An upstream SSE response whose first content has arrived: the rest is still to be read. It owns the open
+    connection until `close()`, which is idempotent: closing it stops the upstream generating for nobody.
 
+    It is made by `read_first_event` and handed, with the attempt that opened it, to whoever relays it; the stream
+    answer (stream_answer.py) closes it when the client's stream is over, whatever ended it."""
 
-@dataclass
-class LiveStream:
-    """An upstream SSE response whose first event has arrived and was worth keeping; the rest is still to be read."""
+    def __init__(self, response: aiohttp.ClientResponse, watcher: SseWatcher, prefetched: bytes) -> None:
+        self.response = response
+        self.watcher = watcher
+        self.prefetched = prefetched  # read while judging the first event: not yet sent to anyone
+        self.received: bytearray | None = None  # when set, what is read after `prefetched` is kept here (attempt flows)
 
-    response: aiohttp.ClientResponse
-    watcher: SseWatcher
-    prefetched: bytes
-    received: bytearray | None = None  # when set, what is read after `prefetched` is kept here too (attempt flows)
-
-    def close(self) -> None:
-        self.response.close()  # closes the connection: the upstream stops generating for nobody
+    @property
+    def content(self) -> aiohttp.StreamReader:
+        return self.response.content
 
     def keep(self, chunk: bytes) -> None:
-        if self.received is not None:
-            self.received += chunk
+        if self.received is not None and len(self.received) < RECEIVED_LIMIT:
+            self.received += chunk[: RECEIVED_LIMIT - len(self.received)]
+
+    def close(self) -> None:
+        self.response.close()
 
 
 async def read_first_event(
     response: aiohttp.ClientResponse, silence: float, deadline_at: float, api: Dialect
-) -> tuple[LiveStream | None, bytes, Classification]:
-    """Read until the first event with content, or an error before it; judge it. A LiveStream comes back only when
-    content came first: until then nothing need reach the client, so whatever goes wrong can still be retried.
+) -> tuple[UpstreamStream | None, bytes, Classification]:
+    """Read until the first event with content, or an error before it; judge it. An UpstreamStream comes back only
+    when content came first: until then nothing need reach the client, so whatever goes wrong can still be retried.
+    Otherwise the response is closed here.
 
     The upstream may take `silence` seconds for its first event, and as long again after each event without content
     (Anthropic's message_start and pings: it is alive, reading a long prompt), but never past `deadline_at`
@@ -140,58 +180,27 @@ async def read_first_event(
                 window_start = time.monotonic()
                 window = min(silence, deadline_at - window_start)
     except TimeoutError:
-        response.close()
         window = max(0.0, window)
         detail = (
             f"no first event from upstream within {window:g} s" if watcher.data_lines == 0
             else f"upstream went silent for {window:g} s before any content"
         )
-        return None, prefetched, Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
+        classification = Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
     except (aiohttp.ClientError, OSError):
+        classification = Classification(Verdict.RETRY, "upstream broke off the stream before its first event", Failure.NETWORK)
+    except BaseException:  # cancelled: the client left, or the proxy is stopping
         response.close()
-        return None, prefetched, Classification(Verdict.RETRY, "upstream broke off the stream before its first event", Failure.NETWORK)
-    if watcher.error_first is not None:
-        response.close()
-        detail = f"upstream stream began with an error: {watcher.error_first.decode('utf-8', 'replace')[:300]}"
-        return None, prefetched, Classification(Verdict.RETRY, detail, Failure.BROKEN)
-    if not watcher.content_started:
-        response.close()
-        return None, prefetched, Classification(Verdict.RETRY, "upstream ended the stream before its first event", Failure.BROKEN)
-    return LiveStream(response, watcher, prefetched), prefetched, Classification(Verdict.SUCCESS)
-
-
-async def client_stream(
-    outcome: asyncio.Future,
-    heartbeat_interval: float,
-    idle_timeout: float,
-    api: Dialect,
-    on_problem: Callable[[ProxyError], None],
-    stop: asyncio.Future | None = None,
-) -> AsyncIterator[bytes]:
-    """The body the client receives once the proxy has committed to a streaming answer.
-
-    `outcome` resolves to a LiveStream to pipe, a complete SSE body, or the ProxyError to report. Until it does, the
-    client gets a heartbeat every heartbeat_interval, so that neither it nor anything between us closes an idle
-    connection. `stop` resolves to a ProxyError when the stream must end now (the proxy is shutting down).
-    """
-    waits_for = {outcome} if stop is None else {outcome, stop}
-    while not outcome.done():
-        if stop is not None and stop.done():
-            on_problem(stop.result())
-            yield api.error_event(stop.result()) + api.end_of_stream
-            return
-        yield api.heartbeat
-        await asyncio.wait(waits_for, timeout=heartbeat_interval, return_when=asyncio.FIRST_COMPLETED)
-    result = outcome.result()
-    if isinstance(result, ProxyError):
-        on_problem(result)
-        yield api.error_event(result) + api.end_of_stream
-        return
-    if isinstance(result, bytes):  # a complete body, made from a non-streaming answer
-        yield result
-        return
-    async for chunk in _pipe(result, idle_timeout, on_problem, stop):
-        yield chunk
+        raise
+    else:
+        if watcher.error_first is not None:
+            detail = f"upstream stream began with an error: {watcher.error_first.decode('utf-8', 'replace')[:300]}"
+            classification = Classification(Verdict.RETRY, detail, Failure.BROKEN)
+        elif not watcher.content_started:
+            classification = Classification(Verdict.RETRY, "upstream ended the stream before its first event", Failure.BROKEN)
+        else:
+            return UpstreamStream(response, watcher, prefetched), prefetched, Classification(Verdict.SUCCESS)
+    response.close()
+    return None, prefetched, classification
 
 
 class IdleWatchdog:
@@ -202,7 +211,7 @@ class IdleWatchdog:
     waiting for the upstream counts: while the client is slow to take a chunk, the upstream is not idle.
     """
 
-    def __init__(self, live: LiveStream, idle_timeout: float) -> None:
+    def __init__(self, live: UpstreamStream, idle_timeout: float) -> None:
         self._live = live
         self._timeout = idle_timeout
         self._loop = asyncio.get_running_loop()
@@ -228,8 +237,8 @@ class IdleWatchdog:
         self._timer.cancel()
 
 
-async def _pipe(
-    live: LiveStream,
+async def pipe(
+    live: UpstreamStream,
     idle_timeout: float,
     on_problem: Callable[[ProxyError], None],
     stop: asyncio.Future | None = None,
@@ -287,7 +296,6 @@ async def _pipe(
         watchdog.stop()
         if stop is not None:
             stop.remove_done_callback(stop_now)
-        live.close()
 
 
 def _received_before_the_drop(content: aiohttp.StreamReader) -> bytes:

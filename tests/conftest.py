@@ -112,6 +112,11 @@ async def start_proxy(
     if flow_list:
         master.addons.add(View())
     master.addons.add(*pipeline, collector)
+    # As with `mitmdump -s addon.py`, whose script addons run before mitmproxy's recorder: it writes a flow (-w) once
+    # the pipeline is done with it.
+    save = master.addons.get("save")
+    master.addons.chain.remove(save)
+    master.addons.chain.append(save)
     master.options.update(seaking_config=str(config_path), **extra_options)
     task = asyncio.create_task(master.run())
     for _ in range(200):

@@ -12,6 +12,7 @@ from conftest import CHAT, chat
 from fault_upstream import Hang, Reset, Status, Stream
 from seaking.attempt_flows import describe_attempt
 from seaking.flow_notes import describe_history, notes
+from seaking.records import AttemptRecord, FlowRecord
 from test_streaming import STREAM_CHAT, read_stream
 
 CLIENT_KEY = "sk-client-key-123456"
@@ -153,46 +154,50 @@ def attempt(label, target="a.example", model="m", verdict="retry") -> dict:
     return {"label": label, "target": target, "model": model, "verdict": verdict}
 
 
+def noted(flow_record: dict) -> tuple[str, str]:
+    return notes(FlowRecord.from_metadata(flow_record))
+
+
 def test_a_retried_success_lists_every_attempt():
     flow_record = {"attempts": [attempt("timeout"), attempt("200", verdict="success")], "elapsed": 5.04,
                    "answered_by": "upstream", "verdict": "success", "status": 200}
-    assert notes(flow_record) == (":repeat:", "2 attempts: timeout, 200 in 5.0 s")
+    assert noted(flow_record) == (":repeat:", "2 attempts: timeout, 200 in 5.0 s")
 
 
 def test_giving_up_is_a_failure_and_counts_every_attempt():
     flow_record = {"attempts": [attempt("503")] * 4, "elapsed": 0.71, "answered_by": "seaking-proxy",
                    "verdict": "retry", "status": 502}
-    assert notes(flow_record) == (":x:", "4 attempts: 503 ×4 → gave up (502 by seaking-proxy) in 0.7 s")
+    assert noted(flow_record) == (":x:", "4 attempts: 503 ×4 → gave up (502 by seaking-proxy) in 0.7 s")
 
 
 def test_models_from_the_cache_say_so():
     flow_record = {"attempts": [attempt("503")] * 4, "elapsed": 0.7, "answered_by": "models cache",
                    "verdict": "retry", "status": 200}
-    assert notes(flow_record) == (":repeat:", "4 attempts: 503 ×4 → models from cache in 0.7 s")
+    assert noted(flow_record) == (":repeat:", "4 attempts: 503 ×4 → models from cache in 0.7 s")
 
 
 def test_a_stream_ended_with_an_error_puts_the_failure_first():
-    dropped = {"attempts": [attempt("200", verdict="success")], "elapsed": 0.4, "answered_by": "upstream",
-               "verdict": "success", "status": 200, "stream_error": "stream_interrupted"}
-    assert notes(dropped) == (":x:", "stream ended with an error event (stream_interrupted); 1 attempt: 200 in 0.4 s")
+    dropped = {"attempts": [attempt("200", verdict="success")], "elapsed": 0.04, "answered_by": "upstream",
+               "verdict": "success", "status": 200, "stream_error": "stream_interrupted", "reply_chars": 1412,
+               "duration": 3.14}
+    assert noted(dropped) == (":x:", "1 attempt: 200, stream broke after 1,412 chars in 3.1 s (stream_interrupted)")
     behind_heartbeats = {"attempts": [attempt("503")] * 2, "elapsed": 31.0, "answered_by": "seaking-proxy",
                          "verdict": "retry", "status": 200, "stream_error": "upstream_http_503"}
-    assert notes(behind_heartbeats) == (
-        ":x:", "stream ended with an error event (upstream_http_503); 2 attempts: 503, 503 → gave up in 31.0 s"
-    )
+    assert noted(behind_heartbeats) == (":x:", "2 attempts: 503, 503 → gave up in 31.0 s (upstream_http_503)")
 
 
 def test_a_first_time_answer_needs_no_note():
     flow_record = {"attempts": [attempt("401", verdict="fail_fast")], "elapsed": 0.1, "answered_by": "upstream",
                    "verdict": "fail_fast", "status": 401}
-    assert notes(flow_record) == ("", "")
+    assert noted(flow_record) == ("", "")
 
 
 def test_several_targets_and_models_are_named_per_attempt():
     attempts = [attempt("503", "a.example", "big"), attempt("503", "b.example", "big"), attempt("200", "b.example", "small")]
-    assert describe_history(attempts, 0.3) == "3 attempts: 503 a.example big, 503 b.example big, 200 b.example small in 0.3 s"
+    assert describe_history([AttemptRecord.from_metadata(a) for a in attempts], 0.3) == "3 attempts: 503 a.example big, 503 b.example big, 200 b.example small in 0.3 s"
 
 
 def test_an_attempt_flow_says_which_attempt_it_was_and_why_it_was_retried():
-    summary = {"label": "503", "verdict": "retry", "detail": "upstream answered 503", "wait_before": 0.42}
-    assert describe_attempt(summary, 2, 4) == "attempt 2 of 4: 503 → retry (upstream answered 503) after waiting 0.4 s"
+    summary = AttemptRecord.from_metadata({"label": "503", "verdict": "retry", "detail": "upstream answered 503", "wait_before": 0.42})
+    assert describe_attempt(summary, 2, 4, "→ retry") == "attempt 2 of 4: 503 → retry (upstream answered 503) after waiting 0.4 s"
+    assert describe_attempt(summary, 4, 4, "→ gave up").startswith("attempt 4 of 4: 503 → gave up (upstream answered 503)")

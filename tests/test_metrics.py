@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import CHAT, call, chat
 from fault_upstream import Reset, Status, Stream
 from seaking.metrics import attempt_result, request_outcome
+from seaking.records import AttemptRecord, FlowRecord
 from test_streaming import read_stream
 
 PROMPT = "a prompt that must never become a label 7c1e"
@@ -168,10 +169,13 @@ async def test_the_metrics_need_the_access_key_when_one_is_set(proxy_factory, cl
     ],
 )
 def test_request_outcomes(record, failed, outcome):
-    assert request_outcome(record, failed) == outcome
+    assert request_outcome(FlowRecord.from_metadata(record), failed) == outcome
 
 
 def test_attempt_results():
-    assert attempt_result({"verdict": "retry", "failure": "status", "status": 503}) == "http_503"
-    assert attempt_result({"verdict": "retry", "failure": "timeout", "status": None}) == "timeout"
-    assert attempt_result({"verdict": "fail_fast", "failure": None, "status": 401}) == "fail_fast"
+    def result(**attempt) -> str:
+        return attempt_result(AttemptRecord.from_metadata(attempt))
+
+    assert result(verdict="retry", failure="status", status=503) == "http_503"
+    assert result(verdict="retry", failure="timeout", status=None) == "timeout"
+    assert result(verdict="fail_fast", failure=None, status=401) == "fail_fast"

@@ -22,7 +22,8 @@ from mitmproxy import certs, io
 
 from conftest import CHAT, FAST_POLICY, call, chat, merge
 from fault_upstream import FaultyUpstream
-from retry_policy import Failure, Verdict, classify_exception
+from retry_policy import Failure, Verdict
+from seaking.connections import classify_exception
 from seaking.config import ConfigError, parse_config
 from seaking.outbound import OutboundProxy, proxy_for, proxy_problem, shown_url
 

@@ -19,6 +19,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHook as RequestHook
 
 from conftest import CHAT, call, chat, is_attempt
 from fault_upstream import MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status
+from seaking.upstream_run import UpstreamRun
 
 CLIENT_KEY = "sk-client-key-123456"
 UPSTREAM_KEY = "sk-upstream-secret-abcdef"
@@ -516,11 +517,13 @@ async def test_a_client_that_leaves_stops_its_request_upstream(proxy_factory, up
     assert len(upstream.received) == 1  # and no retry for nobody
 
 
-async def test_a_bug_in_the_exchange_gets_a_clear_error_not_mitmproxys_own_forwarding(proxy, upstream, client, caplog):
+async def test_a_bug_in_the_exchange_gets_a_clear_error_not_mitmproxys_own_forwarding(
+    proxy, upstream, client, caplog, monkeypatch
+):
     async def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    proxy.shared.upstream.exchange = broken
+    monkeypatch.setattr(UpstreamRun, "result", broken)
     answer = await chat(client, proxy)
     assert (answer.status, answer.error["code"], answer.headers["x-should-retry"]) == (500, "proxy_internal_error", "false")
     assert upstream.received == []  # mitmproxy did not forward it

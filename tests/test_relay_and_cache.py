@@ -12,14 +12,28 @@ import pytest
 
 import seaking.relay as relay_module
 from seaking.models_cache import ModelListStore, fallback_models_body, is_models_list
-from seaking.relay import TOKEN_HEADER, Relay, RelayJob
+from seaking.relay import TOKEN_HEADER, Head, Relay
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def chunks(*parts: bytes):
-    for part in parts:
-        yield part
+class Job:
+    """A relay job (relay.RelayJob) with a fixed head and body, that says when it is closed."""
+
+    streamed, shown_url = True, None
+
+    def __init__(self, status: int, headers: list, parts: list[bytes], on_close) -> None:
+        self.status, self.headers, self.parts, self.on_close = status, headers, parts, on_close
+
+    async def head(self) -> Head:
+        return Head(self.status, self.headers)
+
+    async def body(self):
+        for part in self.parts:
+            yield part
+
+    async def aclose(self) -> None:
+        self.on_close()
 
 
 @pytest.fixture
@@ -32,7 +46,7 @@ async def relay():
 
 async def test_a_job_is_served_once_then_its_token_is_gone(relay, client):
     closed = []
-    token = relay.register(RelayJob(201, [("x-kind", "test")], chunks(b"a", b"b"), on_close=lambda: closed.append(1)))
+    token = relay.register(Job(201, [("x-kind", "test")], [b"a", b"b"], on_close=lambda: closed.append(1)))
     url, headers = f"http://127.0.0.1:{relay.port}/v1/chat/completions", {TOKEN_HEADER: token}
     async with client.get(url, headers=headers) as response:
         assert (response.status, response.headers["x-kind"], await response.read()) == (201, "test", b"ab")
@@ -45,7 +59,7 @@ async def test_a_job_is_served_once_then_its_token_is_gone(relay, client):
 async def test_an_uncollected_job_expires_and_is_closed(relay, monkeypatch):
     monkeypatch.setattr(relay_module, "PICKUP_SECONDS", 0.05)
     closed = asyncio.Event()
-    relay.register(RelayJob(200, [], chunks(b"never sent"), on_close=closed.set))
+    relay.register(Job(200, [], [b"never sent"], on_close=closed.set))
     await asyncio.wait_for(closed.wait(), 2)
     assert relay.pending == 0
 
@@ -54,7 +68,7 @@ async def test_stopping_closes_pending_jobs():
     server = Relay()
     await server.start()
     closed = []
-    server.register(RelayJob(200, [], chunks(), on_close=lambda: closed.append(1)))
+    server.register(Job(200, [], [], on_close=lambda: closed.append(1)))
     await server.stop()
     assert closed == [1]
 

@@ -71,7 +71,7 @@ async def test_a_request_in_flight_keeps_the_config_it_started_with(proxy_factor
     in_flight = asyncio.create_task(chat(client, proxy))
     await until(lambda: len(upstream.received) >= 1)
     rewrite(proxy.config_path, {"target_proxy": {"api_key": KEY_AFTER}, "error_handling": {"max_retries": 0}})
-    await until(lambda: proxy.shared.config.target_proxy.api_key == KEY_AFTER)
+    await until(lambda: proxy.shared.snapshot.config.target_proxy.api_key == KEY_AFTER)
 
     answer = await in_flight
     assert answer.status == 200 and answer.headers["x-seaking-attempts"] == "3"  # its 3 retries, not the new 0
@@ -144,7 +144,7 @@ async def test_the_reload_command(proxy_factory, upstream, client):
     rewrite(proxy.config_path, {"load_balancing": "fastest"})
     with pytest.raises(exceptions.CommandError, match="load_balancing: must be one of priority, round_robin, weighted"):
         proxy.master.commands.call("seaking.reload")
-    assert proxy.shared.config.target_proxy.api_key == KEY_AFTER
+    assert proxy.shared.snapshot.config.target_proxy.api_key == KEY_AFTER
 
 
 async def test_the_seaking_config_option_switches_files_and_a_bad_one_is_rolled_back(proxy_factory, upstream, client, tmp_path):

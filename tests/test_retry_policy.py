@@ -7,7 +7,6 @@ import email.utils
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import pytest
 from tenacity import RetryCallState
 
@@ -17,7 +16,6 @@ from retry_policy import (
     RetryPolicy,
     StopReason,
     Verdict,
-    classify_exception,
     classify_response,
     error_message,
     retry_after_seconds,
@@ -80,33 +78,6 @@ def test_json_is_judged_by_content_type_when_the_endpoint_is_unknown():
     assert verdict(200, b"plain text", "text/plain", expects_json=False).verdict is Verdict.SUCCESS
     assert verdict(200, b"", "text/plain", expects_json=False).verdict is Verdict.SUCCESS
     assert verdict(200, b"{bad", "application/json; charset=utf-8", expects_json=False).verdict is Verdict.RETRY
-
-
-def _connector_error(errno: int) -> aiohttp.ClientConnectorError:
-    key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
-    return aiohttp.ClientConnectorError(key, OSError(errno, "ignored"))
-
-
-@pytest.mark.parametrize(
-    ("exc", "failure", "words"),
-    [
-        (TimeoutError(), Failure.TIMEOUT, "in time"),
-        (_connector_error(111), Failure.NETWORK, "cannot connect to upstream h:1 (Connection refused)"),
-        (aiohttp.ServerDisconnectedError(), Failure.NETWORK, "closed the connection"),
-        (aiohttp.ClientPayloadError("x"), Failure.NETWORK, "broke off"),
-        (ConnectionResetError(104, "reset"), Failure.NETWORK, "network error"),
-        (aiohttp.ClientResponseError(None, (), message="bad status line"), Failure.BROKEN, "bad status line"),
-    ],
-)
-def test_exceptions_are_retryable_network_failures(exc, failure, words):
-    result = classify_exception(exc)
-    assert (result.verdict, result.failure) == (Verdict.RETRY, failure)
-    assert words in result.detail
-
-
-def test_unknown_exceptions_are_bugs_not_retries():
-    with pytest.raises(KeyError):
-        classify_exception(KeyError("bug"))
 
 
 @pytest.mark.parametrize(

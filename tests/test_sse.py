@@ -10,7 +10,7 @@ from mitmproxy.http import Headers
 
 from seaking.dialects import ANTHROPIC, DONE, OPENAI, dialect_for
 from seaking.errors import ProxyError
-from seaking.streaming import SseWatcher, is_error_payload, is_event_stream
+from seaking.streaming import SseWatcher, is_event_stream
 
 DROPPED = ProxyError(502, "dropped", "stream_interrupted")
 
@@ -105,8 +105,8 @@ def test_completion_as_sse_refuses_what_is_not_a_completion(body):
 def test_small_predicates():
     assert is_event_stream("text/event-stream; charset=utf-8")
     assert not is_event_stream("application/json")
-    assert not is_error_payload(b"[DONE]")
-    assert not is_error_payload(b'{"error": null}')
+    assert not OPENAI.read_event(b"[DONE]").error
+    assert not OPENAI.read_event(b'{"error": null}').error
 
 
 # --- Anthropic's dialect ---------------------------------------------------------------------------------------------

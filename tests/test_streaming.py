@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import CHAT, call
 from fault_upstream import REPLY_TEXT, Delayed, Hang, Reset, Status, Stream
+import seaking.relay as relay_module
 
 STREAM_CHAT = {**CHAT, "stream": True}
 ERROR_TYPES_SHOWN_BY_SILLYTAVERN = {"message", "type", "code"}
@@ -365,17 +367,35 @@ async def test_a_streamed_flow_shows_its_true_upstream_history_and_body(proxy_fa
     assert flow.response.content == read.body
 
 
-async def test_streamed_bodies_are_not_kept_by_default(proxy, upstream, client):
+async def test_a_streamed_flow_keeps_what_its_client_was_sent_its_error_event_too(proxy, upstream, client):
+    upstream.script("chat/completions", Stream(chunks=["a", "b", "c"], drop_after=2))
+    read = await read_stream(client, proxy)
+    assert read.errors and proxy.flows[-1].response.content == read.body
+
+
+async def test_a_long_stream_keeps_its_start_and_its_end(proxy, upstream, client, monkeypatch):
+    monkeypatch.setattr(relay_module, "CLIENT_COPY_BYTES", 1000)
+    upstream.script("chat/completions", Stream(chunks=[f"w{i} " for i in range(100)], drop_after=90))
+    read = await read_stream(client, proxy)
+    kept = proxy.flows[-1].response.content
+    left_out = len(read.body) - 1000
+    assert kept == read.body[:500] + f": ... {left_out} bytes not kept by seaking-proxy ...\n\n".encode() + read.body[-500:]
+    assert b"stream_interrupted" in kept
+
+
+async def test_plain_mitmdump_keeps_no_streamed_body(proxy_factory, upstream, client):
+    proxy = await proxy_factory(flow_list=False)  # no flow list, no recording: nobody would see it
     await read_stream(client, proxy)
     assert not proxy.flows[-1].response.content
 
 
 async def test_a_broken_stream_says_so_in_the_flow_comment(proxy, upstream, client):
-    upstream.script("chat/completions", Stream(chunks=["a", "b", "c"], drop_after=1))
+    upstream.script("chat/completions", Stream(chunks=["a", "bb", "c"], delay=0.1, drop_after=2))
     await read_stream(client, proxy)
     flow = proxy.flows[-1]
     assert flow.response.status_code == 200
-    assert flow.comment.startswith("stream ended with an error event (stream_interrupted); 1 attempt: 200 in ")
+    comment = re.fullmatch(r"1 attempt: 200, stream broke after 3 chars in (\S+) s \(stream_interrupted\)", flow.comment)
+    assert comment and float(comment[1]) >= 0.1  # the whole time, not the time to the first event
     assert flow.marked == ":x:"
 
 
