@@ -1,11 +1,12 @@
-"""The benchmark's upstream: tests/fault_upstream.py's FaultyUpstream, configured from the command line.
+"""The benchmark's upstream: the lab's FaultyUpstream, configured from the command line.
 
-    python benchmarks/bench_upstream.py --chunks 20 --chunk-delay 0.05 [--fail-rate 0.3] [--port 0]
+    python -m benchmarks.bench_upstream --chunks 20 --chunk-delay 0.05 [--fail-rate 0.3] [--port 0]
 
-Prints "listening at 127.0.0.1:N" once it accepts connections; SIGINT stops it. Chat completions asked for with
-"stream": true get `--chunks` SSE chunks `--chunk-delay` seconds apart; other requests get the usual small JSON
-completion. With `--fail-rate`, that share of attempts (seeded, so reproducible) is answered 503 instead.
-It runs as its own process so that its CPU is not counted against the load generator or the proxy.
+Prints "bench upstream listening at 127.0.0.1:N" (a line the lab's harness reads as it reads mitmdump's) once it
+accepts connections; SIGINT stops it. Chat completions asked for with "stream": true get `--chunks` SSE chunks
+`--chunk-delay` seconds apart; other requests get the usual small JSON completion. With `--fail-rate`, that share of
+attempts (seeded, so reproducible) is answered 503 instead. It runs as its own process so that its CPU is not counted
+against the load generator or the proxy. FaultyUpstream is seaking/lab/fault_upstream.py's.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from fault_upstream import FaultyUpstream, Good, Sometimes, Status, Stream  # noqa: E402
+from seaking.lab.fault_upstream import FaultyUpstream, Good, Sometimes, Status, Stream
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """How quickly do the running-every-day operations act? Measures, asserts nothing.
 
-    .venv/bin/python benchmarks/daily_ops.py [--edits 20]
+    .venv/bin/python -m benchmarks.daily_ops [--edits 20]
 
   reload ...... `mitmdump -s addon.py` runs; the config file is rewritten (write, then rename) with a new upstream key
                 `--edits` times; after each, requests go out every 20 ms until the upstream sees the new key.
                 Reported: seconds from the rename to the first request carrying the new key (median, max).
   shutdown .... the same proxy gets SIGTERM with nothing in flight, then with one stream in flight under a 2 s grace
                 period. Reported: seconds from the signal to the process's exit.
-Everything runs on 127.0.0.1: the tests' fault upstream in this process, mitmdump as a subprocess.
+Everything runs on 127.0.0.1: the lab's fault upstream in this process, mitmdump as a subprocess (the lab's harness).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import asyncio
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fault_upstream import FaultyUpstream, Stream  # noqa: E402
+from seaking.lab.fault_upstream import FaultyUpstream, Stream
+from seaking.lab.harness import Mitmdump
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -41,23 +38,9 @@ def write_config(path: Path, key: str, grace: float = 2) -> None:
     os.replace(temporary, path)
 
 
-async def start_proxy(upstream: FaultyUpstream, config: Path) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("mitmdump")), "-s", str(ROOT / "addon.py"), "--mode", f"reverse:{upstream.url}",
-        "--listen-host", "127.0.0.1", "--listen-port", "0", "--set", f"seaking_config={config}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    async with asyncio.timeout(30):
-        while b"listening at" not in (line := await process.stdout.readline()):
-            if not line:
-                raise RuntimeError("mitmdump exited")
-    asyncio.create_task(_drain(process))
-    return process, "http://127.0.0.1:" + line.decode().rsplit(":", 1)[1].strip().rstrip(".")
-
-
-async def _drain(process: asyncio.subprocess.Process) -> None:
-    while await process.stdout.readline():
-        pass
+async def start_proxy(upstream: FaultyUpstream, config: Path) -> tuple[Mitmdump, str]:
+    proxy = Mitmdump("--mode", f"reverse:{upstream.url}", "--set", f"seaking_config={config}")
+    return proxy, await proxy.start()
 
 
 async def measure_reloads(session, upstream, config: Path, url: str, edits: int) -> list[float]:
@@ -78,12 +61,14 @@ async def measure_reloads(session, upstream, config: Path, url: str, edits: int)
     return delays
 
 
-async def measure_exit(process: asyncio.subprocess.Process) -> float:
+async def measure_exit(proxy: Mitmdump) -> float:
     signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    proxy.process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(60):
-        await process.wait()
-    return time.monotonic() - signalled
+        await proxy.process.wait()
+    elapsed = time.monotonic() - signalled
+    await proxy.stop()  # the rest of its output
+    return elapsed
 
 
 async def main(edits: int) -> None:
@@ -93,15 +78,15 @@ async def main(edits: int) -> None:
         config = Path(scratch) / "config.yaml"
         write_config(config, "sk-first-key-000000")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            process, url = await start_proxy(upstream, config)
+            proxy, url = await start_proxy(upstream, config)
             delays = await measure_reloads(session, upstream, config, url, edits)
-            idle_exit = await measure_exit(process)
+            idle_exit = await measure_exit(proxy)
 
-            process, url = await start_proxy(upstream, config)
+            proxy, url = await start_proxy(upstream, config)
             upstream.script("chat/completions", Stream(chunks=[f"w{i} " for i in range(100)], delay=0.1))
             stream = asyncio.create_task(session.post(url + "/v1/chat/completions", json={**CHAT, "stream": True}))
             await asyncio.sleep(0.5)
-            busy_exit = await measure_exit(process)
+            busy_exit = await measure_exit(proxy)
             response = await stream
             body = await response.read()
     await upstream.stop()

@@ -24,12 +24,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from seaking.lab.harness import free_port
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
 VERSION = re.search(r"^litellm\[proxy\]==(\S+)", REQUIREMENTS.read_text(), re.MULTILINE).group(1)
@@ -38,7 +39,7 @@ ENTRY = 'import sys; sys.argv[0] = "litellm"; from litellm import run_server; sy
 MALICIOUS_PTH = "litellm_init.pth"
 INSTALL_TIMEOUT = 1200  # seconds for pip; a registry that does not answer must not hang the benchmark
 VERSION_TIMEOUT = 120  # `--version` imports the whole proxy: several seconds on a small machine
-READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(?P<port>\d+)")
 START_TIMEOUT = 180.0
 MODEL_NAMES = ("model-a",)
 
@@ -163,13 +164,6 @@ def _run(argv: list[str], what: str, timeout: float) -> None:
         raise Unavailable(f"{what} failed ({done.returncode}):\n{tail}")
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now. LiteLLM's CLI cannot be told to pick one itself and report it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def config_yaml(upstream: str) -> str:
     """model_list: every name to openai/<name> at the upstream; retries like seaking-proxy's defaults."""
     api_base = upstream.rstrip("/") + "/v1"
@@ -200,7 +194,7 @@ def config_yaml(upstream: str) -> str:
 
 
 def command(python: Path, upstream: str, workdir: Path) -> list[str]:
-    port = free_port()
+    port = free_port()  # LiteLLM's CLI cannot be told to pick one itself and report it
     config = workdir / f"litellm-{port}.yaml"
     config.write_text(config_yaml(upstream))
     return [str(python), "-c", ENTRY, "--config", str(config), "--host", "127.0.0.1",

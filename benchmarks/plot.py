@@ -1,7 +1,7 @@
 """Charts of a benchmark run as one PNG: medians of the rounds as bars or points, a line from the lowest to the highest
 round through each.
 
-    python benchmarks/plot.py RAW.json OUT.png
+    python -m benchmarks.plot RAW.json OUT.png
 
 RAW.json is the raw-results object bench.py writes ({"environment", "aggregate", "ratios", "faults", ...}). Needs
 matplotlib (benchmarks/requirements.txt), which the project itself does not: bench.py runs this with whichever

@@ -1,7 +1,7 @@
 """Where a request's cost goes inside the proxy process: CPU time, event-loop wake-ups and system calls per request,
 and (with py-spy) which part of the code the CPU time is spent in. Plain mitmdump(-stream) beside seaking-proxy.
 
-    .venv/bin/python benchmarks/profile.py [--kind chat|stream] [--requests 2000] [--concurrency 1]
+    .venv/bin/python -m benchmarks.profile [--kind chat|stream] [--requests 2000] [--concurrency 1]
                                            [--ways mitmdump,mitmdump-stream,seaking-proxy] [--py-spy] [--strace]
 
 Per way: one proxy process in front of benchmarks/bench_upstream.py; after a warm-up, `requests` requests (chat:
@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 import aiohttp
-import bench
+
+from benchmarks.processes import BIN, REPO, Way, all_ways, raise_open_files_limit, status_kib, upstream
+from benchmarks.report import progress
+from benchmarks.scenarios import CLIENT_TIMEOUT, chat, chat_body, stream
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,21 +62,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wakeups(pid: int) -> int:
-    return bench.status_kib(pid, "voluntary_ctxt_switches") or 0
+    return status_kib(pid, "voluntary_ctxt_switches") or 0
 
 
 async def drive(base: str, kind: str, requests: int, concurrency: int) -> int:
     """`requests` requests from `concurrency` clients; the number that succeeded."""
     streaming = kind == "stream"
-    body = bench.chat_body(streaming)
-    one = bench.stream if streaming else bench.chat
+    body = chat_body(streaming)
+    one = stream if streaming else chat
     tickets = iter(range(requests))
     ok = 0
 
     async def client() -> None:
         nonlocal ok
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=bench.CLIENT_TIMEOUT) as s:
-            await bench.chat(s, base, bench.chat_body(False))  # warm-up: a connection, as a long-lived client has
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=CLIENT_TIMEOUT) as s:
+            await chat(s, base, chat_body(False))  # warm-up: a connection, as a long-lived client has
             while next(tickets, None) is not None:
                 ok += (await one(s, base, body)).ok
 
@@ -124,7 +127,7 @@ def read_strace(path: Path) -> dict[str, int]:
     return calls
 
 
-async def profile_way(way: bench.Way, upstream_url: str, args: argparse.Namespace, workdir: Path) -> dict:
+async def profile_way(way: Way, upstream_url: str, args: argparse.Namespace, workdir: Path) -> dict:
     async with way.start(upstream_url, workdir, way.name) as reached:
         pid = reached.processes[0].pid
         await drive(reached.base, args.kind, min(200, args.requests), args.concurrency)  # warm-up
@@ -138,7 +141,7 @@ async def profile_way(way: bench.Way, upstream_url: str, args: argparse.Namespac
                   "cpu_ms_per_request": round(1000 * cpu / args.requests, 3),
                   "wakeups_per_request": round(woken / args.requests, 2)}
         spy_out, strace_out = workdir / f"{way.name}.pyspy", workdir / f"{way.name}.strace"
-        py_spy = [shutil.which("py-spy") or str(bench.BIN / "py-spy"), "record", "-r", "1000", "-f", "raw", "-o",
+        py_spy = [shutil.which("py-spy") or str(BIN / "py-spy"), "record", "-r", "1000", "-f", "raw", "-o",
                   str(spy_out), "-p", str(pid)]
         strace = ["strace", "-c", "-f", "-o", str(strace_out), "-p", str(pid)]
         # One at a time: both attach with ptrace.
@@ -161,13 +164,13 @@ async def profile_way(way: bench.Way, upstream_url: str, args: argparse.Namespac
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    ways = {w.name: w for w in bench.all_ways(Path(args.addon).resolve(), Path("python"))}
+    ways = {w.name: w for w in all_ways(Path(args.addon).resolve(), Path("python"))}
     results = {}
     with tempfile.TemporaryDirectory(prefix="seaking-profile-") as tmp:
         workdir = Path(tmp)
-        async with bench.upstream(0.0, workdir, "clean") as upstream_url:
+        async with upstream(0.0, workdir, "clean") as upstream_url:
             for name in args.ways.split(","):
-                bench.progress(f"{name} ...")
+                progress(f"{name} ...")
                 results[name] = await profile_way(ways[name], upstream_url, args, workdir)
     return results
 
@@ -178,12 +181,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--ways", default="mitmdump,mitmdump-stream,seaking-proxy")
-    parser.add_argument("--addon", default=str(bench.REPO / "addon.py"))
+    parser.add_argument("--addon", default=str(REPO / "addon.py"))
     parser.add_argument("--py-spy", action="store_true", help="where the CPU goes (needs py-spy)")
     parser.add_argument("--strace", action="store_true", help="system calls by name (needs strace)")
     parser.add_argument("--top", action="store_true", help="with --py-spy: the functions with the most samples")
     args = parser.parse_args()
-    bench.raise_open_files_limit()
+    raise_open_files_limit()
     results = asyncio.run(main_async(args))
     print(f"\n{args.kind}, {args.requests} requests from {args.concurrency} client(s); load average "
           f"{os.getloadavg()[0]:.2f}\n")

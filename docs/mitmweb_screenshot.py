@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import aiohttp
 from playwright.async_api import async_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # run as a file by another venv's python (playwright's)
 
-from fault_upstream import FaultyUpstream, Status, Stream  # noqa: E402
+from seaking.lab.fault_upstream import FaultyUpstream, Status, Stream  # noqa: E402
+from seaking.lab.harness import free_ports  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -30,16 +30,10 @@ PASSWORD = "screenshot"
 COLUMNS = ["icon", "path", "method", "status", "size", "time", "comment"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def main(mitmweb: str, out: Path) -> None:
     upstream = FaultyUpstream()
     await upstream.start()
-    proxy_port, web_port = free_port(), free_port()
+    proxy_port, web_port = free_ports(2)
     config = Path("/tmp/seaking-screenshot-config.yaml")
     config.write_text("error_handling: {base_delay: 0.2, max_delay: 0.4}\nhealth_check: {interval: 0}\n")
     process = await asyncio.create_subprocess_exec(

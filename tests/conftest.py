@@ -1,14 +1,11 @@
-"""Real parts for behaviour tests: the fault-injecting upstream, mitmproxy running the addon, an aiohttp client."""
+"""Real parts for behaviour tests: the fault-injecting upstream, mitmproxy running the addon, an aiohttp client.
+The upstream and mitmdump as a subprocess come from the lab's harness (seaking/lab/harness.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
-import re
-import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +18,9 @@ from mitmproxy.addons.view import View
 from mitmproxy.tools.dump import DumpMaster
 
 import addon
-from fault_upstream import FaultyUpstream
+from seaking.lab.harness import Mitmdump, running_upstreams
 
-ROOT = Path(__file__).resolve().parent.parent
-MITMDUMP = Path(sys.executable).with_name("mitmdump")
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
-PROXY_LISTENING = re.compile(r"listening at [^\s/]*:(\d+)")  # the proxy's line, not mitmweb's "at http://..."
 
 # Fast retries so that tests take milliseconds; tests that measure waits set their own.
 FAST_POLICY = {
@@ -129,81 +123,10 @@ async def start_proxy(
     return RunningProxy(master, pipeline, f"http://127.0.0.1:{addrs[0][1]}", collector, config_path, task)
 
 
-class Mitmdump:
-    """The command users run, `mitmdump -s addon.py ...` (or `mitmweb`: program), as a subprocess on 127.0.0.1."""
-
-    def __init__(
-        self,
-        *args: str,
-        env: dict | None = None,
-        cwd: Path | None = None,
-        port: int = 0,
-        program: str = "mitmdump",
-        addon: bool = True,
-    ) -> None:
-        script = ["-s", str(ROOT / "addon.py")] if addon else []  # without it: plain mitmproxy (an outbound proxy)
-        executable = MITMDUMP.with_name(program)
-        self.args = [str(executable), *script, "--listen-host", "127.0.0.1", "--listen-port", str(port), *args]
-        self.env = {**os.environ, **(env or {})}
-        self.cwd = cwd
-        self.process: asyncio.subprocess.Process | None = None
-        self.output = ""
-        self._reader: asyncio.Task | None = None
-        self._listening = asyncio.Event()
-
-    async def spawn(self) -> None:
-        """Start it without waiting for it to listen."""
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env, cwd=self.cwd
-        )
-        self._reader = asyncio.create_task(self._read_output())
-
-    async def _read_output(self) -> None:
-        # Read all along: a full pipe would block mitmdump.
-        while line := await self.process.stdout.readline():
-            self.output += line.decode()
-            if PROXY_LISTENING.search(line.decode()):
-                self._listening.set()
-
-    async def start(self) -> str:
-        """Start and return the proxy URL; raise with the output if it exits instead."""
-        await self.spawn()
-        listening = asyncio.create_task(self._listening.wait())
-        try:
-            async with asyncio.timeout(30):
-                await asyncio.wait({self._reader, listening}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            listening.cancel()
-        if match := PROXY_LISTENING.search(self.output):
-            return f"http://127.0.0.1:{match.group(1)}"
-        await self.process.wait()
-        raise RuntimeError(f"mitmdump exited with {self.process.returncode}:\n{self.output}")
-
-    async def run_to_exit(self) -> int:
-        """For start-ups that must fail: mitmproxy logs the error, may open its listener, then exits."""
-        await self.spawn()
-        async with asyncio.timeout(30):
-            await self.process.wait()
-            await self._reader
-        return self.process.returncode
-
-    async def stop(self) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(10):
-                    await self.process.wait()
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._reader, 5)
-        return self.process.returncode
-
-
 @pytest.fixture
 async def mitmdump(tmp_path):
-    """make(*args, env=..., cwd=..., port=...) -> a Mitmdump (not started); all are stopped at the end."""
+    """make(*args, env=..., cwd=..., port=..., program=..., addon=...) -> a Mitmdump (not started), its models cache
+    in this test's directory; all are stopped at the end."""
     started: list[Mitmdump] = []
 
     def make(*args: str, env: dict | None = None, **kwargs) -> Mitmdump:
@@ -215,24 +138,6 @@ async def mitmdump(tmp_path):
     for process in started:
         if process.process is not None:
             await process.stop()
-
-
-@contextlib.asynccontextmanager
-async def running_upstreams():
-    """start(port=0) runs a FaultyUpstream; all are stopped on exit."""
-    started: list[FaultyUpstream] = []
-
-    async def start(port: int = 0) -> FaultyUpstream:
-        server = FaultyUpstream()
-        await server.start(port)
-        started.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            await server.stop()
 
 
 @contextlib.asynccontextmanager

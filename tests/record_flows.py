@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # as pytest.ini's
 
-from conftest import Mitmdump  # noqa: E402
-from fault_upstream import Delayed, FaultyUpstream, Status, Stream  # noqa: E402
+from seaking.lab.fault_upstream import Delayed, FaultyUpstream, Status, Stream  # noqa: E402
+from seaking.lab.harness import Mitmdump  # noqa: E402
 from sillytavern import SillyTavern  # noqa: E402
 
 FLOWS = Path(__file__).resolve().parent / "flows"

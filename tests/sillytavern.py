@@ -16,12 +16,12 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import aiohttp
 
 from cached_install import RegistryUnavailable, check, install_once, kill_group, run
+from seaking.lab.harness import free_port
 
 VERSION = "1.19.0"
 GENERATE_PATH = "/api/backends/chat-completions/generate"
@@ -66,12 +66,6 @@ async def ensure_installed() -> Path:
         check(f"npm install sillytavern@{VERSION}", *await run(argv, INSTALL_TIMEOUT, cwd=staging))
 
     return await install_once(cache_dir(), ready, install, INSTALL_TIMEOUT)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(data_root: Path, port: int) -> str:
@@ -135,7 +129,7 @@ class SillyTavern:
         if node is None:
             raise RuntimeError("node is not on PATH: install Node.js (20 or later) to run the SillyTavern tests")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         config_path = self.workdir / "sillytavern-config.yaml"
         data_root = self.workdir / "sillytavern-data"
         # SillyTavern builds its frontend bundle (~20-35 s) into dist/_webpack in Docker, else into <dataRoot>/_webpack:

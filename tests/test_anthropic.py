@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from conftest import CHAT, call, chat
-from fault_upstream import (
+from seaking.lab.fault_upstream import (
     REPLY_TEXT,
     Delayed,
     ErrorBody,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cached_install import RegistryUnavailable
-from fault_upstream import REPLY_TEXT, Delayed, MessageStream, Status
+from seaking.lab.fault_upstream import REPLY_TEXT, Delayed, MessageStream, Status
 from sdk_venv import ensure_sdk_python, run_sdk_script, venv_dir
 
 SDK_REQUIREMENT = "anthropic>=0.50"

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from conftest import CHAT, chat
-from fault_upstream import Hang, Reset, Status, Stream
+from seaking.lab.fault_upstream import Hang, Reset, Status, Stream
 from seaking.attempt_flows import describe_attempt
 from seaking.flow_notes import describe_history, notes
 from seaking.records import AttemptRecord, FlowRecord

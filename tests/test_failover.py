@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from conftest import call, chat
-from fault_upstream import Reset, Status, Stream
+from seaking.lab.fault_upstream import Reset, Status, Stream
 from test_streaming import read_stream
 
 BACKUP_KEY = "sk-backup-secret-0001"

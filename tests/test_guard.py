@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import CHAT, call, chat
-from fault_upstream import REPLY_TEXT
+from seaking.lab.fault_upstream import REPLY_TEXT
 from test_streaming import read_stream
 
 ACCESS_KEY = "access-key-for-guard-tests"

@@ -1,6 +1,7 @@
 """The shape users and contributors rely on: the two entry points and the retry policy at the top level, the rest in
-one package without import cycles, and every addon named seaking.* (mitmproxy's addon names and sys.path are shared
-with other scripts)."""
+one package without import cycles, the lab (replay lab, fake upstreams, harness) in a subpackage the runtime never
+imports, the benchmarks a package that leaves sys.path alone, and every addon named seaking.* (mitmproxy's addon names
+and sys.path are shared with other scripts)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import addon
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "seaking"
+LAB = PACKAGE / "lab"
 
 
 def test_only_the_entries_and_the_retry_policy_sit_at_the_top_level():
@@ -33,8 +35,12 @@ def imports_of(path: Path) -> set[str]:
     return {name for name in found if name.startswith("seaking.") or name == "retry_policy"}
 
 
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
 def test_the_package_has_no_import_cycles():
-    graph = {f"seaking.{p.stem}": imports_of(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
     graph["retry_policy"] = imports_of(ROOT / "retry_policy.py")
     assert graph["retry_policy"] == set()  # pure: the package builds on it, never the other way round
 
@@ -58,6 +64,36 @@ def test_every_addon_of_the_pipeline_is_named_seaking_something():
 
 
 def test_the_replay_labs_upstream_addons_are_named_seaking_something_too():
-    from seaking import lab_upstream
+    from seaking.lab import recorded_faults
 
-    assert all(a.name.startswith("seaking.") for a in lab_upstream.addons)
+    assert all(a.name.startswith("seaking.") for a in recorded_faults.addons)
+
+
+def test_the_runtime_never_imports_the_lab():
+    """What mitmdump -s addon.py loads is the product; the lab's tools sit beside it (as mitmproxy/tools/ and
+    mitmproxy/test/ do beside mitmproxy's addons)."""
+    runtime = [ROOT / "addon.py", ROOT / "retry_policy.py", *PACKAGE.glob("*.py")]
+    for path in runtime:
+        assert not {name for name in imports_of(path) if name.startswith("seaking.lab")}, path.name
+
+
+def test_the_labs_map_names_each_of_its_modules():
+    import seaking.lab
+
+    modules = sorted(p.name for p in LAB.glob("*.py") if p.stem != "__init__")
+    assert modules and all(f"  {name} ." in seaking.lab.__doc__ for name in modules), modules
+
+
+def uses_sys_path(path: Path) -> bool:
+    return any(
+        isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+        for node in ast.walk(ast.parse(path.read_text()))
+    )
+
+
+def test_the_lab_and_the_benchmarks_leave_sys_path_alone():
+    """They import the project as packages (run from the project's root: python -m benchmarks.bench)."""
+    assert (ROOT / "benchmarks" / "__init__.py").exists()
+    scripts = [*LAB.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    assert [p.name for p in scripts if uses_sys_path(p)] == []

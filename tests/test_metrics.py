@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import CHAT, call, chat
-from fault_upstream import Reset, Status, Stream
+from seaking.lab.fault_upstream import Reset, Status, Stream
 from seaking.metrics import attempt_result, request_outcome
 from seaking.records import AttemptRecord, FlowRecord
 from test_streaming import read_stream

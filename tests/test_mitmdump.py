@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import yaml
 from mitmproxy import io
 
 from conftest import call, is_attempt
-from fault_upstream import Reset, Status
+from seaking.lab.fault_upstream import Reset, Status
+from seaking.lab.harness import free_port
 
 UPSTREAM_KEY = "sk-upstream-secret-in-subprocess"
 
@@ -83,12 +83,6 @@ async def test_an_unreachable_target_still_gets_answers(mitmdump, client, tmp_pa
     assert (models.status, models.json()["data"][0]["id"]) == (200, "local-model")
     chat = await call(client, "POST", url + "/v1/chat/completions", json={"model": "m", "messages": []})
     assert (chat.status, chat.error["code"]) == (502, "upstream_unreachable")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_the_first_connection_is_answered_by_the_addon(mitmdump, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from io import BytesIO
 import json
-import socket
 
 import aiohttp
 import pytest
@@ -14,19 +13,14 @@ from mitmproxy import io
 from mitmproxy.utils.emoji import emoji
 
 from conftest import call
-from fault_upstream import Status, Stream
+from seaking.lab.fault_upstream import Status, Stream
+from seaking.lab.harness import free_port
 
 WEB_PASSWORD = "seaking-test-web-password"  # mitmweb >= 11.1 wants a token; 11.0.2 ignores the option
 CLIENT_KEY = "sk-client-key-in-mitmweb-0001"
 XSRF = "seaking-xsrf"
 # Non-GET calls need mitmweb's XSRF double submit; the cookie's name changed in 12.2.3.
 XSRF_HEADERS = {"X-XSRFToken": XSRF, "Cookie": f"_xsrf={XSRF}; _mitmproxy_xsrf={XSRF}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Web:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cached_install import RegistryUnavailable
-from fault_upstream import REPLY_TEXT, Status, Stream
+from seaking.lab.fault_upstream import REPLY_TEXT, Status, Stream
 from sdk_venv import ensure_sdk_python, run_sdk_script, venv_dir
 
 SDK_REQUIREMENT = "openai>=1"  # 0.x had another API; any newer major is what users get from pip

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, io
 
 from conftest import CHAT, FAST_POLICY, call, chat, merge
-from fault_upstream import FaultyUpstream
 from retry_policy import Failure, Verdict
 from seaking.connections import classify_exception
+from seaking.lab.fault_upstream import FaultyUpstream
 from seaking.config import ConfigError, parse_config
 from seaking.outbound import OutboundProxy, proxy_for, proxy_problem, shown_url
 

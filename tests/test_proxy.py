@@ -18,7 +18,9 @@ from mitmproxy import exceptions, io
 from mitmproxy.proxy.layers.http import HttpRequestHook as RequestHook
 
 from conftest import CHAT, call, chat, is_attempt
-from fault_upstream import MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status
+from seaking.lab.fault_upstream import (
+    MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status,
+)
 from seaking.upstream_run import UpstreamRun
 
 CLIENT_KEY = "sk-client-key-123456"

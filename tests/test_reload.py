@@ -16,7 +16,7 @@ import yaml
 from mitmproxy import exceptions
 
 from conftest import CHAT, FAST_POLICY, call, chat, merge
-from fault_upstream import Reset, Status
+from seaking.lab.fault_upstream import Reset, Status
 
 KEY_BEFORE = "sk-upstream-before-0001"
 KEY_AFTER = "sk-upstream-after-00002"

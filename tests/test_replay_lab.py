@@ -13,7 +13,7 @@ import pytest
 from mitmproxy import io
 from mitmproxy.test import tflow
 
-from seaking import replay_lab
+from seaking.lab import replay
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = ROOT / "tests" / "flows"
@@ -92,7 +92,7 @@ async def test_a_different_outcome_exits_1_and_shows_both(tmp_path):
 def main_exit(*args) -> tuple[int, str]:
     err = text_io.StringIO()
     with contextlib.redirect_stderr(err):
-        return replay_lab.main([str(a) for a in args]), err.getvalue()
+        return replay.main([str(a) for a in args]), err.getvalue()
 
 
 def test_a_file_that_is_no_recording_exits_2_saying_why(tmp_path):
@@ -121,3 +121,17 @@ def test_a_recording_without_attempt_flows_exits_2(tmp_path):
                 writer.add(flow)
     status, err = main_exit(without)
     assert status == 2 and "seaking_attempt_flows" in err
+
+
+async def test_the_labs_upstream_listens_for_each_upstream_of_the_recording(tmp_path):
+    """One reverse listener per upstream the recording talked to, each on a port of its own (mitmproxy refuses
+    several on port 0), each serving its own recorded attempts."""
+    session = replay.read_recording(FLOWS / "retry-503-twice.mitm")
+    session.origins.append("https://other-upstream.example:443")  # as if a fallback target had been tried too
+    upstream, listeners = replay.lab_upstream(session, tmp_path)
+    try:
+        await upstream.start(len(listeners))
+        assert sorted(upstream.ports.values()) == sorted(int(url.rsplit(":", 1)[1]) for url in listeners.values())
+        assert len(set(listeners.values())) == 2
+    finally:
+        await upstream.stop()

@@ -7,7 +7,7 @@ import asyncio
 from mitmproxy import io
 
 from conftest import chat
-from fault_upstream import Status
+from seaking.lab.fault_upstream import Status
 from test_streaming import STREAM_CHAT, read_stream
 
 CLIENT_KEY = "sk-client-key-123456"  # what conftest's chat() sends

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 
 import pytest
 import yaml
 from conftest import call
-from fault_upstream import MODEL_IDS, Status
-from haproxy import haproxy_binary, haproxy_config
+from seaking.lab.fault_upstream import MODEL_IDS, Status
+from seaking.lab.haproxy import haproxy_binary, haproxy_config
+from seaking.lab.harness import free_port
 from test_streaming import read_stream
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="HAProxy is not installed (Debian: haproxy)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Url:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import CHAT, FAST_POLICY, call, merge
-from fault_upstream import Delayed, Hang, Status, Stream
+from seaking.lab.fault_upstream import Delayed, Hang, Status, Stream
 from test_streaming import STREAM_CHAT, assert_ended_with_one_error, read_stream
 
 SHUTDOWN_CODE = "proxy_shutdown"

@@ -8,7 +8,7 @@ proxy (with a proxy password), so what these tests assert is what a SillyTavern 
 One SillyTavern process serves the whole module. Its client session is bound to the event loop it started in, so the
 tests, and the upstream and proxy fixtures they use, run in one module-wide loop: the conftest fixtures of the same
 names run in per-test loops (asyncio_default_fixture_loop_scope = function), where an upstream or a proxy could not
-serve a request made from the module's loop. They are redeclared below from conftest's context managers.
+serve a request made from the module's loop. They are redeclared below from the same context managers.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import time
 import pytest
 import pytest_asyncio
 
-from conftest import running_proxies, running_upstreams
-from fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, MessageStream, Status, Stream
+from conftest import running_proxies
+from seaking.lab.fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, MessageStream, Status, Stream
+from seaking.lab.harness import running_upstreams
 from sillytavern import VERSION, SillyTavern, SillyTavernUnavailable, ensure_installed
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 
 from conftest import CHAT, call
-from fault_upstream import REPLY_TEXT, Delayed, Hang, Reset, Status, Stream
 import seaking.relay as relay_module
+from seaking.lab.fault_upstream import REPLY_TEXT, Delayed, Hang, Reset, Status, Stream
+from seaking.lab.harness import listeners
 
 STREAM_CHAT = {**CHAT, "stream": True}
 ERROR_TYPES_SHOWN_BY_SILLYTAVERN = {"message", "type", "code"}
@@ -266,7 +267,7 @@ async def test_an_upstream_error_event_mid_stream_is_not_doubled(proxy, upstream
         async def __call__(self, request, received):
             from aiohttp import web
 
-            from fault_upstream import chunk, sse
+            from seaking.lab.fault_upstream import chunk, sse
 
             response = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await response.prepare(request)
@@ -422,12 +423,13 @@ async def test_a_burst_of_a_thousand_streams_is_relayed_without_a_closed_connect
     with aiohttp's default backlog). The upstream runs as a process of its own, so that the first events, and so the
     relay connections, come as one burst."""
     upstream = await asyncio.create_subprocess_exec(
-        sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "bench_upstream.py"), "--chunks", "20",
-        "--chunk-delay", "0.05", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable, "-m", "benchmarks.bench_upstream", "--chunks", "20", "--chunk-delay", "0.05",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=Path(__file__).parent.parent,
     )
     try:
         async with asyncio.timeout(20):
-            upstream_url = "http://" + (await upstream.stdout.readline()).decode().split("listening at ")[1].strip()
+            [port] = listeners((await upstream.stdout.readline()).decode()).values()
+        upstream_url = f"http://127.0.0.1:{port}"
         config = tmp_path / "config.yaml"
         config.write_text("health_check: {interval: 0}\n")
         url = await mitmdump("--mode", f"reverse:{upstream_url}", "--set", f"seaking_config={config}").start()

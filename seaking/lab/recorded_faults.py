@@ -1,5 +1,5 @@
 """The replay lab's fake upstream: a `mitmdump -S` script that gives recorded answers the timing and failures of
-the recording (replay_lab.py starts it).
+the recording (replay.py passes it to mitmdump with -s).
 
 mitmproxy's server replay answers each request from the recording, at once and whole. A recorded attempt also took
 its time, and may have failed in ways a whole response cannot say: a reset, a hang, a stream that broke off or went

@@ -1,4 +1,5 @@
-"""HAProxy in front of several seaking-proxy processes, as docs/haproxy.cfg sets it up (for tests and the benchmark)."""
+"""HAProxy in front of several seaking-proxy processes, as docs/haproxy.cfg sets it up (for the tests and the
+benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parent.parent / "docs" / "haproxy.cfg"
+CONFIG = Path(__file__).resolve().parents[2] / "docs" / "haproxy.cfg"
 
 
 def haproxy_binary() -> str | None:

@@ -1,9 +1,9 @@
 """The replay lab: a recorded session reproduced offline, `python replay.py RECORDING [--config FILE]`.
 
 A recording made through the proxy (`mitmweb -w session.mitm`, or mitmdump) holds each client flow and, beside it,
-its attempt flows: what every upstream attempt sent and got back (attempt_flows.py). The lab
+its attempt flows: what every upstream attempt sent and got back (seaking/attempt_flows.py). The lab
   1. serves the recorded attempts as the upstream with mitmproxy's own server replay: a `mitmdump -S` process with
-     one reverse listener per upstream the recording talked to, and the lab_upstream.py script, which plays each
+     one reverse listener per upstream the recording talked to, and the recorded_faults.py script, which plays each
      attempt's timing and failure (reset, hang, a stream that broke off);
   2. runs the proxy (`mitmdump -s addon.py`) with the given config, its targets pointed at those listeners;
   3. sends the recorded client requests, one after the other, and reads the proxy's own recording of them;
@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import re
-import signal
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -35,12 +30,11 @@ import yaml
 from mitmproxy import exceptions, http, io
 
 from seaking.flow_notes import counted_runs
+from seaking.lab import recorded_faults
+from seaking.lab.harness import Mitmdump, MitmdumpFailed, free_ports
+from seaking.lab.recorded_faults import LAB_HEADER
 from seaking.records import RECORD_KEY
-from seaking.lab_upstream import LAB_HEADER
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 _NOT_RESENT = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"})
 
 
@@ -203,65 +197,6 @@ def lab_config(config_path: Path | None, listeners: dict[str, str], primary: str
     return config
 
 
-# --- processes ------------------------------------------------------------------------------------------------------
-
-
-class Mitmdump:
-    """A mitmdump subprocess on 127.0.0.1; started() returns the ports of its "listening at" lines, by mode."""
-
-    def __init__(self, *args: str) -> None:
-        executable = Path(sys.executable).with_name("mitmdump")
-        self.args = [str(executable) if executable.exists() else "mitmdump", *args]
-        self.output = ""
-        self.process: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task | None = None
-
-    async def start(self, listeners: int) -> dict[str, int]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        self._reader = asyncio.create_task(self._read())
-        found: dict[str, int] = {}
-        try:
-            async with asyncio.timeout(START_TIMEOUT):
-                while len(found) < listeners:
-                    if self._reader.done():
-                        raise RecordingUnusable(f"mitmdump exited while starting:\n{self.output}")
-                    for description, port in re.findall(r"(\S+) listening at \S+:(\d+)", self.output):
-                        found[description] = int(port)
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise RecordingUnusable(f"mitmdump did not start listening within {START_TIMEOUT:g} s:\n{self.output}") from None
-        return found
-
-    async def _read(self) -> None:
-        while line := await self.process.stdout.readline():
-            self.output += line.decode(errors="replace")
-
-    async def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await self.process.wait()
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._reader, 5)
-
-
-def _free_port() -> int:
-    """A port nothing listens on: a reverse target that refuses, for requests the recording does not answer."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -282,38 +217,52 @@ class Comparison:
         return self.recorded == self.replayed
 
 
-async def replay(recording: Path, config_path: Path | None, workdir: Path, request_timeout: float) -> list[Comparison]:
-    session = read_recording(recording)
-    dead_ports = {origin: _free_port() for origin in session.origins}
+def lab_upstream(session: Session, workdir: Path) -> tuple[Mitmdump, dict[str, str]]:
+    """The lab's upstream, not started: `mitmdump -S` serving the recorded attempts with recorded_faults.py, one
+    reverse listener per upstream the recording talked to (each on a port of its own: mitmproxy refuses several on
+    port 0), each reversing to a dead port of its own (what the recording does not answer is refused). It, and each
+    origin's listener URL."""
+    count = len(session.origins)
+    ports = free_ports(2 * count)
+    dead_ports = dict(zip(session.origins, ports[:count], strict=True))
+    listen_ports = dict(zip(session.origins, ports[count:], strict=True))
     upstream_file = workdir / "upstream.mitm"
     with open(upstream_file, "wb") as fh:
         writer = io.FlowWriter(fh)
         for flow in upstream_flows(session, dead_ports):
             writer.add(flow)
-    modes = [arg for origin in session.origins for arg in ("--mode", f"reverse:http://127.0.0.1:{dead_ports[origin]}@0")]
+    modes = [
+        arg for origin in session.origins
+        for arg in ("--mode", f"reverse:http://127.0.0.1:{dead_ports[origin]}@{listen_ports[origin]}")
+    ]
     upstream = Mitmdump(
-        *modes, "--listen-host", "127.0.0.1", "-S", str(upstream_file), "-s", str(ROOT / "seaking" / "lab_upstream.py"),
+        *modes, "-S", str(upstream_file), "-s", recorded_faults.__file__,
         "--set", "connection_strategy=lazy", "--set", "keepserving=true", "--set", "server_replay_extra=kill",
         "--set", "flow_detail=0",
+        addon=False,
     )
+    return upstream, {origin: f"http://127.0.0.1:{port}" for origin, port in listen_ports.items()}
+
+
+async def replay(recording: Path, config_path: Path | None, workdir: Path, request_timeout: float) -> list[Comparison]:
+    session = read_recording(recording)
+    upstream, listeners = lab_upstream(session, workdir)
     proxy = None
     try:
-        ports = await upstream.start(len(session.origins))
-        listeners = {
-            origin: f"http://127.0.0.1:{ports[f'http://127.0.0.1:{dead_ports[origin]}']}" for origin in session.origins
-        }
+        await upstream.start(len(listeners))
         primary = _origin(session.requests[0].attempts[0].request.url)
         config_file = workdir / "lab-config.yaml"
         config_file.write_text(yaml.safe_dump(lab_config(config_path, listeners, primary, workdir / "models.json")))
         replayed_file = workdir / "replayed.mitm"
         proxy = Mitmdump(
-            "-s", str(ROOT / "addon.py"), "--mode", f"reverse:{listeners[primary]}", "--listen-host", "127.0.0.1",
-            "--listen-port", "0", "--set", f"seaking_config={config_file}", "-w", str(replayed_file),
+            "--mode", f"reverse:{listeners[primary]}", "--set", f"seaking_config={config_file}", "-w", str(replayed_file),
             "--set", "flow_detail=0",
         )
-        [proxy_port] = (await proxy.start(1)).values()
-        await send_all(f"http://127.0.0.1:{proxy_port}", session.requests, request_timeout)
+        proxy_url = await proxy.start()
+        await send_all(proxy_url, session.requests, request_timeout)
         await proxy.stop()
+    except MitmdumpFailed as e:
+        raise RecordingUnusable(str(e)) from None
     finally:
         if proxy is not None:
             await proxy.stop()

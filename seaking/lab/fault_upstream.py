@@ -11,7 +11,7 @@ Anthropic mode: on a Messages path (`/messages`, `/messages/count_tokens`) the g
 (`Status`, `ErrorBody`) and streams (`MessageStream`) have Anthropic's shapes; so has `/models` when the request
 carries `anthropic-version`.
 
-Run it alone for manual tests and benchmarks: `python tests/fault_upstream.py --port 9000`.
+Run it alone for manual tests, from the project's root: `python -m seaking.lab.fault_upstream --port 9000`.
 """
 
 from __future__ import annotations
