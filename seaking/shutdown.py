@@ -5,8 +5,10 @@ mid-sentence and waiting clients left with a closed connection. So this addon's 
 the addons whose `done` closes the upstream connections and the relay — stops mitmproxy's listeners, refuses what
 arrives on connections already open with a 503, and waits until the requests in flight are over or the grace period
 has passed. Then the exchanges still waiting answer 503 and live streams end with an error event and `[DONE]` (the
-exchange and streaming.py watch `ShutdownSignal.grace_over`, which resolves to that error). A second signal ends the
-wait at once. The models cache needs nothing: it is written through on every change.
+exchange and streaming.py watch `ShutdownSignal.grace_over`, which resolves to that error). Last, it closes the
+client connections still open (idle keep-alive ones), so that the process ends without a traceback (see
+`_close_client_connections`). A second signal ends the wait at once. The models cache needs nothing: it is written
+through on every change.
 
 `done` stays a plain function: a script reload calls it synchronously, where a coroutine function fails. When the
 process is ending it returns the drain as an awaitable, which mitmproxy's master awaits.
@@ -35,6 +37,8 @@ SHUTDOWN_CODE = "proxy_shutdown"
 # After the grace period: time for the 503s and final stream events to reach their clients.
 LAST_WORDS_SECONDS = 5.0
 POLL_SECONDS = 0.05
+# After the drain: time for mitmproxy to close the client connections that are still open (keep-alive, idle).
+CLOSE_CONNECTIONS_SECONDS = 2.0
 
 
 def shutdown_error(grace: float | None = None) -> ProxyError:
@@ -122,6 +126,33 @@ class GracefulShutdown:
             await self._until_idle(LAST_WORDS_SECONDS)
         # mitmproxy runs the response hook before it writes the last bytes: give them a moment to leave.
         await asyncio.sleep(0.2)
+        await self._close_client_connections()
+
+    async def _close_client_connections(self) -> None:
+        """Close the client connections still open (idle keep-alive ones: SillyTavern's, HAProxy's) and wait until
+        mitmproxy's handler of each has returned.
+
+        Left open, they are cancelled by asyncio.run() once mitmproxy's master returns. Each runs in the task that
+        asyncio.start_server made for mitmproxy's handle_stream (mitmproxy/proxy/mode_servers.py), and on CPython
+        3.11.7 and 3.12.1 that task's done callback (asyncio/streams.py, StreamReaderProtocol.connection_made) calls
+        task.exception() on the cancelled task, which raises CancelledError inside the callback: the loop prints
+        "Exception in callback StreamReaderProtocol.connection_made.<locals>.callback" and a CancelledError
+        traceback through handle_stream and handle_client, with or without this addon (CPython gh-113538, fixed in
+        later patch releases; mitmproxy issue 6600). So the connections are closed here, the way mitmproxy closes a
+        connection itself (its CloseConnection command and the inactivity timeout cancel the connection's reader
+        task): mitmproxy logs "client disconnect", runs the client_disconnected hooks, closes the server side, and
+        handle_stream returns normally. Nothing is filtered: a real error still prints."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        if proxyserver is None:
+            return
+        for handler in list(proxyserver.connections.values()):
+            io = handler.transports.get(handler.client)
+            if io is not None and io.handler is not None:  # None: still in its client_connected hook; ends alone
+                handler.close_connection(handler.client)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_CONNECTIONS_SECONDS
+        while proxyserver.connections and loop.time() < until:
+            await asyncio.sleep(POLL_SECONDS)
 
     async def _until_idle(self, seconds: float, unless: asyncio.Future | None = None) -> None:
         """Until no flow is in flight, `seconds` have passed, or `unless` is done."""

@@ -5,6 +5,8 @@ clean end; new requests are refused; the process exits."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
 import time
 from types import SimpleNamespace
@@ -168,6 +170,43 @@ async def test_with_nothing_in_flight_it_exits_at_once(mitmdump, upstream, clien
     proxy.process.send_signal(signal.SIGTERM)
     assert await exits(proxy) == 0
     assert time.monotonic() - signalled < 5
+
+
+async def test_idle_keep_alive_connections_are_closed_and_the_exit_prints_no_traceback(mitmdump, upstream, tmp_path):
+    """Left open, an idle keep-alive connection's task is cancelled by asyncio.run() after mitmproxy returns, and on
+    CPython 3.11.7 and 3.12.1 asyncio then prints a CancelledError traceback through mitmproxy's handle_stream (see
+    GracefulShutdown._close_client_connections); other Pythons print none either way, but the proxy closes them."""
+    proxy, url = await start_mitmdump(mitmdump, upstream, tmp_path)
+    stream = json.dumps({**CHAT, "stream": True}).encode()
+    requests = [  # one connection idle after a plain answer, one after a stream (mitmproxy held one to the relay)
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(stream)}\r\n\r\n".encode()
+        + stream,
+    ]
+    idle = []
+    for request in requests:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+        writer.write(request)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+            if length := re.search(rb"(?i)\r\ncontent-length: *(\d+)", head):
+                await reader.readexactly(int(length.group(1)))
+            else:  # chunked: to its last chunk
+                await reader.readuntil(b"\r\n0\r\n\r\n")
+        idle.append((reader, writer))
+    await asyncio.sleep(0.2)  # both answers are over; the connections stay open
+
+    proxy.process.send_signal(signal.SIGINT)
+    assert await exits(proxy) == 0
+    await proxy.stop()  # the rest of its output
+    for reader, writer in idle:
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the proxy
+        writer.close()
+    assert "Traceback" not in proxy.output and "CancelledError" not in proxy.output, proxy.output
+    assert proxy.output.count("client disconnect") == 2
 
 
 async def test_in_process_a_waiting_models_request_gets_the_503_and_no_addon_fails(proxy_factory, upstream, client, caplog):
