@@ -110,6 +110,7 @@ class GracefulShutdown:
         self.draining = True
         ctx.options.update(server=False)  # mitmproxy stops listening; open connections stay
         grace = self.shared.snapshot.config.server.shutdown_grace if self.shared.loaded else 0.0
+        had_flows_in_flight = bool(self._in_flight)
         if self._in_flight:
             logger.info(
                 f"Shutting down: waiting up to {grace:g} s for {len(self._in_flight)} request(s) in flight "
@@ -124,8 +125,9 @@ class GracefulShutdown:
             )
             self.signal.end_grace(shutdown_error(grace))
             await self._until_idle(LAST_WORDS_SECONDS)
-        # mitmproxy runs the response hook before it writes the last bytes: give them a moment to leave.
-        await asyncio.sleep(0.2)
+        if had_flows_in_flight:
+            # mitmproxy runs the response hook before it writes the last bytes: give them a moment to leave.
+            await asyncio.sleep(0.2)
         await self._close_client_connections()
 
     async def _close_client_connections(self) -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from retry_policy import Verdict
-from seaking.answers import failure_in_stream, forwardable_headers, internal_error, seaking_headers
+from seaking.answers import INTERNAL_ERROR, failure_in_stream, forwardable_headers, internal_error, seaking_headers
 from seaking.errors import ProxyError
 from seaking.records import AnsweredBy
 from seaking.redaction import scrub
@@ -94,8 +94,14 @@ class StreamAnswer:
         if result is None or result.stream is None:
             return
         call, streaming = self.call, self.call.config.streaming
-        async for chunk in pipe(result.stream, streaming.idle_timeout, self._report, self._grace_over):
-            yield chunk
+        try:
+            async for chunk in pipe(result.stream, streaming.idle_timeout, self._report, self._grace_over):
+                yield chunk
+        except Exception:  # a bug of ours mid-stream: the client still gets one error event and a clean end
+            logger.exception(f"{call.flow.request.method} {call.flow.request.path}: seaking-proxy failed mid-stream")
+            tail, _ = result.stream.watcher.ending(INTERNAL_ERROR)
+            self._report(INTERNAL_ERROR)
+            yield tail
         call.record.reply_chars = result.stream.watcher.reply.chars
         call.record.duration = round(time.time() - call.started, 3)
 

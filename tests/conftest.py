@@ -33,6 +33,17 @@ FAST_POLICY = {
 }
 
 
+# Tests that start processes (mitmdump, the SDKs' venvs, SillyTavern, HAProxy) are slow; so are those marked by hand
+# for running seconds by design. `pytest -m "not slow"` runs the pure and in-process rest.
+PROCESS_FIXTURES = {"mitmdump", "sdk_python", "sillytavern", "haproxy"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 def merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():

@@ -328,6 +328,7 @@ async def test_failures_before_any_content_are_retried_and_the_retry_streams_liv
     assert len(upstream.received) == 3
 
 
+@pytest.mark.slow
 async def test_pings_before_content_keep_a_slow_prompt_alive_silence_is_retried(proxy_factory, upstream, client):
     proxy = await proxy_factory({"streaming": {"first_event_timeout": 0.5}})
     # A long prompt: message_start at once, then 1.2 s of pings before the first text. Not a silent upstream.
@@ -378,6 +379,7 @@ async def test_an_upstream_error_event_mid_stream_is_passed_on_never_doubled(pro
     assert len(upstream.received) == 1
 
 
+@pytest.mark.slow
 async def test_heartbeats_are_sse_comments_until_the_stream_comes(proxy_factory, upstream, client):
     proxy = await proxy_factory({"streaming": {"heartbeat_interval": 0.2}})
     upstream.script("messages", Delayed(0.9, then=MessageStream(chunks=["x", "y"])))

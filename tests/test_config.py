@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from retry_policy import RetryPolicy
 from seaking.config import ConfigError, load_config, parse_config
 
 SPEC_EXAMPLE = """
@@ -29,6 +30,11 @@ error_handling:
 def test_the_shipped_config_yaml_is_valid_and_is_the_defaults():
     shipped = load_config(Path(__file__).parent.parent / "config.yaml", environ={})
     assert shipped == parse_config({}, environ={})
+
+
+def test_the_retry_defaults_live_in_the_policy_alone():
+    """config.py takes them from RetryPolicy; config.yaml repeats them (the test above)."""
+    assert parse_config({}, environ={}).retry == RetryPolicy()
 
 
 def test_the_product_spec_example_is_accepted_as_written():

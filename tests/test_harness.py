@@ -26,6 +26,8 @@ fault upstream listening at http://127.0.0.1:9000
 [01:21:00.000] reverse proxy to http://127.0.0.1:9 stopped.
 """
 
+pytestmark = pytest.mark.slow  # every test here starts mitmdump processes
+
 
 def test_every_proxy_servers_line_gives_its_port_by_mode():
     assert listeners(MITMDUMP_LINES) == {

@@ -6,6 +6,7 @@ and sys.path are shared with other scripts)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import addon
@@ -55,6 +56,15 @@ def test_the_package_has_no_import_cycles():
 
     for module in graph:
         assert cycle_from(module, []) is None
+
+
+def test_the_retry_policy_is_pure():
+    """The standard library and tenacity only: what the HTTP client raises is judged beside it (connections.py)."""
+    tree = ast.parse((ROOT / "retry_policy.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    top_level = {name.partition(".")[0] for name in imported}
+    assert top_level - {"__future__", "tenacity"} <= sys.stdlib_module_names, top_level
 
 
 def test_every_addon_of_the_pipeline_is_named_seaking_something():

@@ -117,6 +117,7 @@ async def test_labels_never_carry_keys_prompts_or_urls(proxy_factory, upstream, 
     assert value(samples, "seaking_requests_total", endpoint="other", outcome="success") == 1
 
 
+@pytest.mark.slow
 async def test_streams_in_flight_and_stream_errors(proxy, upstream, client):
     upstream.script("chat/completions", Stream(chunks=[f"w{i} " for i in range(10)], delay=0.2), Stream(drop_after=2))
     reading = asyncio.create_task(read_stream(client, proxy))

@@ -149,6 +149,7 @@ async def test_zero_retries_means_one_attempt(proxy_factory, upstream, client):
     [({"Retry-After": "1"}, 1.0), ({"retry-after-ms": "600"}, 0.6)],
     ids=["seconds", "milliseconds"],
 )
+@pytest.mark.slow
 async def test_retry_after_is_honoured(proxy, upstream, client, headers, asked):
     upstream.script("chat/completions", Status(429, headers=headers))
     started = time.monotonic()
@@ -159,6 +160,7 @@ async def test_retry_after_is_honoured(proxy, upstream, client, headers, asked):
     assert time.monotonic() - started >= asked - 0.05
 
 
+@pytest.mark.slow
 async def test_retry_after_as_http_date_is_honoured(proxy, upstream, client):
     when = email.utils.formatdate(time.time() + 2, usegmt=True)
     upstream.script("chat/completions", Status(503, headers={"Retry-After": when}))
@@ -180,6 +182,7 @@ async def test_a_wait_past_the_deadline_answers_429_with_retry_after_at_once(pro
     assert len(upstream.received) == 1
 
 
+@pytest.mark.slow
 async def test_the_deadline_bounds_all_attempts_together(proxy_factory, upstream, client):
     proxy = await proxy_factory({"target_proxy": {"timeout": 0.4, "max_retries": 50}, "error_handling": {"deadline": 1}})
     upstream.always("chat/completions", Hang())
@@ -504,6 +507,7 @@ async def test_replays_from_mitmweb_are_left_to_mitmproxy(proxy, upstream, clien
     assert flow.response is None
 
 
+@pytest.mark.slow
 async def test_a_client_that_leaves_stops_its_request_upstream(proxy_factory, upstream, client):
     proxy = await proxy_factory({"target_proxy": {"timeout": 10}})
     upstream.always("chat/completions", Hang())

@@ -123,6 +123,7 @@ for i in range(40):
 """
 
 
+@pytest.mark.slow
 def test_processes_sharing_the_cache_file_lose_none_of_each_others_lists(tmp_path):
     """Proxies behind a load balancer share one file: every write keeps what the others wrote."""
     path = tmp_path / "models.json"

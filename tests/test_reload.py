@@ -62,6 +62,7 @@ async def test_an_edited_file_takes_effect_within_about_a_second(proxy_factory, 
     assert await until(new_key_used) < 3  # checked twice a second; generous for a busy machine
 
 
+@pytest.mark.slow
 async def test_a_request_in_flight_keeps_the_config_it_started_with(proxy_factory, upstream, client):
     proxy = await proxy_factory(
         {"target_proxy": {"api_key": KEY_BEFORE}, "error_handling": {"max_retries": 3, "base_delay": 0.6, "max_delay": 0.6}}
@@ -107,6 +108,7 @@ async def test_breakers_of_targets_still_configured_keep_their_state(proxy_facto
     assert len(upstream.received) == received  # the open primary was not tried
 
 
+@pytest.mark.slow
 async def test_a_bad_file_changes_nothing_and_its_error_is_logged_once_per_version(mitmdump, upstream, client, tmp_path):
     config = tmp_path / "config.yaml"
     rewrite(config, {"target_proxy": {"api_key": KEY_BEFORE}})

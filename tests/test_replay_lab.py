@@ -13,13 +13,18 @@ import pytest
 from mitmproxy import io
 from mitmproxy.test import tflow
 
+from conftest import chat
 from seaking.lab import replay
+from seaking.lab.fault_upstream import Status
+from test_streaming import read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOWS = ROOT / "tests" / "flows"
 CONFIG = FLOWS / "config.yaml"
 RECORDINGS = sorted(FLOWS.glob("*.mitm"))
 REPLAY_TIMEOUT = 120
+
+pytestmark = pytest.mark.slow  # every test here starts mitmdump processes
 
 
 async def run_replay(*args: str) -> tuple[int, str, str]:
@@ -135,3 +140,23 @@ async def test_the_labs_upstream_listens_for_each_upstream_of_the_recording(tmp_
         assert len(set(listeners.values())) == 2
     finally:
         await upstream.stop()
+
+
+async def test_a_session_recorded_now_replays_though_first_time_answers_have_no_attempt_flow(
+    proxy_factory, upstream, client, tmp_path
+):
+    """The proxy makes no attempt flow for a request its first attempt answered well: the lab takes that exchange
+    from the client flow itself (the stream's too, from the copy of what its client was sent)."""
+    recording = tmp_path / "now.mitm"
+    proxy = await proxy_factory(flow_list=False, save_stream_file=str(recording))
+    assert (await chat(client, proxy)).status == 200
+    await read_stream(client, proxy)
+    upstream.script("chat/completions", Status(503))
+    assert (await chat(client, proxy)).status == 200
+    await proxy.stop()
+    flows = flows_of(recording)
+    assert sum(1 for f in flows if "attempt_of" in f.metadata["seaking"]) == 2  # the retried request's two only
+    status, out, err = await run_replay(recording)
+    assert status == 0, out + err
+    assert "3 of 3 requests agree" in out
+    assert "replayed: 200 → 200" in out and "replayed: 503, 200 → 200" in out

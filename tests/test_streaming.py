@@ -87,6 +87,7 @@ def assert_ended_with_one_error(read: StreamRead, code: str) -> None:
 # --- 1. chunks reach the client as the upstream sends them -------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_chunks_arrive_live_with_the_upstream_timing(proxy, upstream, client):
     upstream.script("chat/completions", Stream(chunks=[f"w{i} " for i in range(8)], delay=0.15))
     read = await read_stream(client, proxy)
@@ -168,6 +169,7 @@ async def test_giving_up_before_any_byte_is_a_json_error(proxy, upstream, client
 # --- 4. heartbeats -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_slow_upstream_gets_heartbeats_then_the_stream(proxy_factory, upstream, client):
     proxy = await proxy_factory({"streaming": {"heartbeat_interval": 0.2}})
     upstream.script("chat/completions", Delayed(1.0, then=Stream(chunks=["x", "y"], delay=0.1)))
@@ -180,6 +182,7 @@ async def test_a_slow_upstream_gets_heartbeats_then_the_stream(proxy_factory, up
     assert read.text == "xy" and read.errors == [] and read.data[-1] == b"[DONE]"
 
 
+@pytest.mark.slow
 async def test_heartbeats_cover_retries_and_their_back_off(proxy_factory, upstream, client):
     proxy = await proxy_factory(
         {"streaming": {"heartbeat_interval": 0.2}, "error_handling": {"base_delay": 0.4, "max_delay": 0.4}}
@@ -216,6 +219,7 @@ async def test_a_non_streaming_answer_after_heartbeats_is_streamed(proxy_factory
     assert read.text == "all at once" and read.errors == [] and read.data[-1] == b"[DONE]"
 
 
+@pytest.mark.slow
 async def test_the_deadline_ends_a_heartbeat_stream_with_an_error_event(proxy_factory, upstream, client):
     proxy = await proxy_factory(
         {"streaming": {"heartbeat_interval": 0.1}, "target_proxy": {"timeout": 0.3}, "error_handling": {"deadline": 0.8, "max_retries": 20}}
@@ -417,6 +421,7 @@ async def test_many_parallel_streams_with_drops_all_end(proxy, upstream, client)
     assert [r.text for r in broken] == ["".join(words[:3])] * 20
 
 
+@pytest.mark.slow
 async def test_a_burst_of_a_thousand_streams_is_relayed_without_a_closed_connection(mitmdump, tmp_path):
     """Each stream opens its own connection to the relay at once: a short listen backlog there closed some of them
     under a burst, and their clients got mitmproxy's HTML 502 "server closed connection" (in about one run of three

@@ -37,6 +37,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     disconnected_at: float | None = None  # time.monotonic() when the client went away mid-answer
+    answered_at: float | None = None  # time.monotonic() when the whole answer was written
     arrived: float = field(default_factory=time.monotonic)
 
     def json(self):
@@ -392,10 +393,17 @@ class FaultyUpstream:
         received = Received(request.method, request.path_qs, dict(request.headers), await request.read())
         self.received.append(received)
         try:
-            return await self._fault_for(request.path)(request, received)
+            answer = await self._fault_for(request.path)(request, received)
         except (asyncio.CancelledError, ConnectionResetError):
             received.disconnected_at = time.monotonic()
             raise
+        received.answered_at = time.monotonic()
+        return answer
+
+    @property
+    def open_requests(self) -> list[Received]:
+        """Requests still being answered: their client has neither had the whole answer nor gone away."""
+        return [r for r in self.received if r.answered_at is None and r.disconnected_at is None]
 
     def _fault_for(self, path: str):
         # Longest endpoint first: "chat/completions" must not be taken for "completions".

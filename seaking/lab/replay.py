@@ -29,11 +29,12 @@ import aiohttp
 import yaml
 from mitmproxy import exceptions, http, io
 
+from seaking.attempt_flows import tells_something
 from seaking.flow_notes import counted_runs
 from seaking.lab import recorded_faults
 from seaking.lab.harness import Mitmdump, MitmdumpFailed, free_ports
 from seaking.lab.recorded_faults import LAB_HEADER
-from seaking.records import RECORD_KEY
+from seaking.records import RECORD_KEY, AttemptFlowRecord, FlowRecord, is_attempt_flow
 
 _NOT_RESENT = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"})
 
@@ -48,12 +49,12 @@ class RecordedRequest:
     attempts: list[http.HTTPFlow]  # its attempt flows, in order
 
     @property
-    def record(self) -> dict:
-        return self.flow.metadata[RECORD_KEY]
+    def record(self) -> FlowRecord:
+        return FlowRecord.from_metadata(self.flow.metadata[RECORD_KEY])
 
     @property
     def path(self) -> str:
-        return self.record.get("client_path") or self.flow.request.path
+        return self.record.client_path or self.flow.request.path
 
 
 @dataclass
@@ -67,13 +68,11 @@ class Outcome:
     heartbeats: bool = False
 
     @classmethod
-    def of(cls, flow_record: dict, target_names: dict[str, str] | None = None) -> Outcome:
+    def of(cls, record: FlowRecord, target_names: dict[str, str] | None = None) -> Outcome:
         names = target_names or {}
-        attempts = [(a["label"], names.get(a["target"], a["target"]), a["model"]) for a in flow_record.get("attempts", [])]
-        return cls(
-            attempts, flow_record.get("status"), flow_record.get("answered_by"), flow_record.get("stream_error"),
-            flow_record.get("heartbeats", False),
-        )
+        attempts = [(a.label, names.get(a.target, a.target), a.model) for a in record.attempts]
+        answered_by = record.answered_by.value if record.answered_by else None
+        return cls(attempts, record.status, answered_by, record.stream_error, record.heartbeats)
 
     def describe(self, several_targets: bool, several_models: bool) -> str:
         if not self.attempts:
@@ -111,7 +110,7 @@ def read_recording(path: Path) -> Session:
     http_flows = [f for f in flows if isinstance(f, http.HTTPFlow)]
     # Each client flow's record names its attempt flows: a flow replayed in mitmweb while recording is in the file
     # twice, under one id, each time with attempt flows of its own.
-    attempt_flows = {f.id: f for f in http_flows if "attempt_of" in f.metadata.get(RECORD_KEY, {})}
+    attempt_flows = {f.id: f for f in http_flows if is_attempt_flow(f)}
     exchanged = [f for f in http_flows if f.id not in attempt_flows and f.metadata.get(RECORD_KEY, {}).get("attempts")]
     if not exchanged:
         raise RecordingUnusable(
@@ -120,7 +119,10 @@ def read_recording(path: Path) -> Session:
         )
     session = Session([])
     for flow in sorted(exchanged, key=lambda f: f.request.timestamp_start):
-        own = [attempt_flows.get(a.get("flow")) for a in flow.metadata[RECORD_KEY]["attempts"]]
+        record = FlowRecord.from_metadata(flow.metadata[RECORD_KEY])
+        own = [attempt_flows.get(a.flow) for a in record.attempts]
+        if own == [None] and not tells_something(record, 1):
+            own = [answered_at_once(flow, record)]  # the proxy made no attempt flow: the client flow shows it all
         if None in own:
             raise RecordingUnusable(
                 f"{flow.request.method} {flow.request.path} made {len(own)} attempts but the recording does not hold "
@@ -133,6 +135,15 @@ def read_recording(path: Path) -> Session:
                 session.origins.append(origin)
                 session.target_names[origin] = attempt.metadata[RECORD_KEY]["target"]
     return session
+
+
+def answered_at_once(client: http.HTTPFlow, record: FlowRecord) -> http.HTTPFlow:
+    """The attempt flow of a request answered well at its first attempt, which the proxy does not make: the client
+    flow shows that exchange already (its URL is the upstream's, its response what the upstream sent; a stream's
+    response is the copy the flow kept of it)."""
+    attempt = client.copy()
+    attempt.metadata[RECORD_KEY] = AttemptFlowRecord(client.id, 1, record.attempts[0]).to_metadata()
+    return attempt
 
 
 def lab_instructions(attempt: http.HTTPFlow, stream_error: str | None) -> dict:
@@ -268,11 +279,14 @@ async def replay(recording: Path, config_path: Path | None, workdir: Path, reque
             await proxy.stop()
         await upstream.stop()
     names = {f"127.0.0.1:{urlsplit(url).port}": session.target_names[origin] for origin, url in listeners.items()}
-    replayed = [f for f in read_flows(replayed_file) if "attempt_of" not in f.metadata.get(RECORD_KEY, {})]
+    replayed = [f for f in read_flows(replayed_file) if not is_attempt_flow(f)]
     replayed.sort(key=lambda f: f.request.timestamp_start)
     comparisons = []
     for index, request in enumerate(session.requests):
-        outcome = Outcome.of(replayed[index].metadata.get(RECORD_KEY, {}), names) if index < len(replayed) else Outcome([], None)
+        if index < len(replayed):
+            outcome = Outcome.of(FlowRecord.from_metadata(replayed[index].metadata.get(RECORD_KEY, {})), names)
+        else:
+            outcome = Outcome([], None)
         comparisons.append(Comparison(request, Outcome.of(request.record), outcome))
     return comparisons
 
