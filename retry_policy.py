@@ -55,7 +55,7 @@ class Classification:
 class RetryPolicy:
     # 529: Anthropic's "overloaded". 520-523: Cloudflare's origin errors (down, unreachable, refused, an empty or
     # broken answer) in front of aggregators; not 524, which comes after 100 s of an origin still working on the
-    # request: a retry asks the same slow thing again, behind the same 100 s limit (README, "Claude").
+    # request: a retry asks the same slow thing again, behind the same 100 s limit (docs/claude.md).
     retry_codes: frozenset[int] = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 523, 529})
     fail_codes: frozenset[int] = frozenset({400, 401, 403})
     max_retries: int = 3

@@ -29,7 +29,7 @@ generator), the upstream (benchmarks/bench_upstream.py, the tests' FaultyUpstrea
   seaking-proxy ......... `mitmdump -s addon.py --mode reverse:<upstream> --set seaking_config=<temp yaml>` (default
                           retry settings; only the /models cache file is moved to a temp directory)
   seaking-haproxy-1 ..... HAProxy (Debian's `haproxy`) on one port in front of one seaking-proxy process
-  seaking-haproxy-2 ..... the same in front of two seaking-proxy processes (the scale-out of README "Speed and cost")
+  seaking-haproxy-2 ..... the same in front of two seaking-proxy processes (the scale-out of docs/running.md)
   litellm ............... the LiteLLM proxy (1.82.6 in its own venv: benchmarks/litellm_way.py) as a plain
                           OpenAI-compatible passthrough with comparable retries; skipped with a note if it cannot be
                           installed. Not run at 1,000 streams or in the prompt-size sweep (its 100-stream TTFT is

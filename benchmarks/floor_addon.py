@@ -2,7 +2,7 @@
 
     mitmdump -s benchmarks/floor_addon.py --mode reverse:<upstream>
 
-It does only what the design cannot do without (README "How it works"): the upstream exchange with aiohttp from the
+It does only what the design cannot do without (docs/how-it-works.md): the upstream exchange with aiohttp from the
 request hook, and for a stream the hand-off of the open upstream response to a loopback aiohttp server that mitmproxy
 streams from. No retries, classification, routing, keys, records, events or clean endings. bench.py runs it as the
 way "floor": what seaking-proxy costs beyond it is the price of its features; what the floor costs beyond plain

@@ -24,7 +24,7 @@ import aiohttp
 
 from benchmarks import litellm_way as litellm_way_module
 from benchmarks.scenarios import CHUNK_DELAY, STREAM_CHUNKS
-from seaking.lab.haproxy import haproxy_config  # docs/haproxy.cfg, the README's setup
+from seaking.lab.haproxy import haproxy_config  # docs/haproxy.cfg, the setup of docs/running.md
 from seaking.lab.harness import LISTENING, executable, free_port
 
 HERE = Path(__file__).resolve().parent

@@ -58,7 +58,7 @@ def fallback_models_body(model_ids: tuple[str, ...]) -> bytes:
 
 class ModelListStore:
     """The lists in memory, and in a JSON file that survives restarts and that several proxy processes may share
-    (behind a load balancer, see README "Speed and cost"). A write merges what the other processes wrote since (the
+    (behind a load balancer, see docs/running.md). A write merges what the other processes wrote since (the
     newer list per URL wins) under an exclusive lock on a file beside it, and replaces the file atomically, so neither
     a concurrent writer nor a crash mid-write loses what is there. A read picks up the file again when it changed."""
 

@@ -1,5 +1,5 @@
 """More than one core: two `mitmdump -s addon.py` processes behind HAProxy on one port, set up as docs/haproxy.cfg
-says (README "Speed and cost"). Both serve; the /models cache file is theirs to share; breakers are their own."""
+says (docs/running.md). Both serve; the /models cache file is theirs to share; breakers are their own."""
 
 from __future__ import annotations
 
