@@ -19,6 +19,7 @@ from retry_policy import Classification, RetryPolicy, classify_response, retry_a
 from seaking.connections import NETWORK_ERRORS, ConnectionPools, classify_exception, upstream_headers
 from seaking.dialects import OPENAI, Dialect
 from seaking.redaction import redacted
+from seaking.resume import Continuation, Prefill
 from seaking.routing import route
 from seaking.streaming import UpstreamStream, is_event_stream, read_first_event
 from seaking.targets import Target
@@ -36,13 +37,21 @@ class UpstreamRequest:
     api: Dialect = OPENAI  # the API it speaks: how its streams are read
     model: str | None = None  # the JSON body's "model"
     first_event_timeout: float | None = None  # set for "stream": true requests
+    continuation: Continuation | None = None  # set: it continues a reply that broke off (resume.py)
 
-    def body_for(self, model: str | None) -> bytes:
-        if model == self.model:
-            return self.body
-        document = json.loads(self.body)
-        document["model"] = model
-        return json.dumps(document).encode()
+    def body_for(self, target: Target, model: str | None) -> bytes:
+        body = self.body
+        if model != self.model:
+            document = json.loads(body)
+            document["model"] = model
+            body = json.dumps(document).encode()
+        if self.continuation is not None:
+            body = self.continuation.body(body, Prefill(target.prefill).resolved(self.api), self.api)
+        return body
+
+    def can_go_to(self, target: Target) -> bool:
+        """Whether `target` can take this request: any can, but a continuation needs one that takes a prefill."""
+        return self.continuation is None or Prefill(target.prefill).resolved(self.api) is not Prefill.NONE
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class Attempt:
     body: bytes = b""  # the whole body; for a stream, what was read until its first content
     retry_after: float | None = None
     responded_at: float | None = None  # epoch seconds when the response headers came
+    continuation: int = 0  # which continuation of the reply it asked for (0: the request itself)
 
     @property
     def ended_at(self) -> float:
@@ -96,14 +106,16 @@ async def send_attempt(
     """Send `request` to `target` once. `deadline_at` (time.monotonic()) bounds the whole attempt."""
     url = route(target.base_url, request.path).url
     headers = upstream_headers(request.headers, target.api_key)
-    body = request.body_for(model)
+    body = request.body_for(target, model)
     sent = SentRequest(request.method, url, tuple(redacted(headers)), body)
     started, started_at = time.monotonic(), time.time()
+    continuation = request.continuation.number if request.continuation else 0
 
     def attempt(classification: Classification, response: aiohttp.ClientResponse | None = None, **answer) -> Attempt:
         if response is not None:
             answer.update(status=response.status, reason=response.reason or "", raw_headers=tuple(response.raw_headers))
-        return Attempt(target, model, sent, classification, started_at, time.monotonic() - started, **answer)
+        elapsed = time.monotonic() - started
+        return Attempt(target, model, sent, classification, started_at, elapsed, continuation=continuation, **answer)
 
     try:
         async with asyncio.timeout(min(policy.per_try_timeout, deadline_at - started)):

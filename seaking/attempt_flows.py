@@ -30,7 +30,7 @@ from seaking.answers import forwardable_headers
 from seaking.attempt import Attempt
 from seaking.flow_notes import describe_stream_end
 from seaking.flows import flows_are_seen, upstream_server
-from seaking.records import RECORD_KEY, AnsweredBy, AttemptFlowRecord, AttemptRecord, FlowRecord, Records
+from seaking.records import RECORD_KEY, AnsweredBy, AttemptFlowRecord, AttemptRecord, FlowRecord, Records, ResumeOutcome
 from seaking.redaction import scrub, scrub_response
 from seaking.streaming import UpstreamStream
 
@@ -94,7 +94,7 @@ class AttemptFlows:
             return
         summaries = attempt_records([n.attempt for n in noted], secrets)
         for number, (item, summary) in enumerate(zip(noted, summaries, strict=True), 1):
-            flow = attempt_flow(parent, client, item, number, summaries, secrets)
+            flow = attempt_flow(parent, client, item, number, summaries, secrets, [n.attempt for n in noted[number:]])
             if number <= len(client.attempts):
                 client.attempts[number - 1].flow = flow.id
             await _load(flow)
@@ -102,7 +102,7 @@ class AttemptFlows:
 
 def tells_something(client: FlowRecord, attempts: int) -> bool:
     """Whether a request's attempts are worth a flow each: more than one, or one that did not simply succeed."""
-    return attempts > 1 or client.verdict is not Verdict.SUCCESS or client.stream_error is not None
+    return attempts > 1 or client.verdict is not Verdict.SUCCESS or client.stream_error is not None or bool(client.resumes)
 
 
 async def _load(flow: http.HTTPFlow) -> None:
@@ -129,6 +129,7 @@ def attempt_records(attempts: Sequence[Attempt], secrets: set[str]) -> list[Atte
             seconds=round(a.elapsed, 3),
             # Seconds since the attempt before it ended (back-off, Retry-After); 0 for the first.
             wait_before=0.0 if i == 0 else round(max(0.0, a.started_at - ends[i]), 3),
+            continuation=a.continuation,
         )
         for i, a in enumerate(attempts)
     ]
@@ -141,17 +142,19 @@ def attempt_flow(
     number: int,
     summaries: list[AttemptRecord],
     secrets: set[str],
+    later: list[Attempt],
 ) -> http.HTTPFlow:
-    """The attempt as a flow that is not live."""
+    """The attempt as a flow that is not live. `later`: the attempts made after it."""
     attempt, stream = noted.attempt, noted.stream
     sent = attempt.sent
     flow = http.HTTPFlow(parent.client_conn.copy(), _server(sent.url, attempt), live=False)
     flow.request = http.Request.make(sent.method, sent.url, sent.body, http.Headers(_encoded(sent.headers)))
     flow.request.timestamp_start = flow.request.timestamp_end = attempt.started_at
-    ended_at = time.time() if stream is not None else attempt.ended_at
+    ending = _stream_ending(client, attempt, later) if stream is not None else None
+    ended_at = ending.at if ending else attempt.ended_at
     if attempt.status is not None:
         flow.response = _response(attempt, stream, secrets, ended_at)
-    stream_error = client.stream_error if stream is not None else None
+    stream_error = ending.problem if ending else None
     if attempt.classification.failure in _ERRORS:
         flow.error = Error(scrub(attempt.classification.detail, secrets), ended_at)
     elif stream_error in STREAM_BREAKS:
@@ -159,13 +162,31 @@ def attempt_flow(
     summary = summaries[number - 1]
     flow.metadata[RECORD_KEY] = AttemptFlowRecord(parent.id, number, summary, stream_error).to_metadata()
     flow.marked = ATTEMPT_MARK
-    if stream is not None:
-        outcome = describe_stream_end(client, ended_at - attempt.started_at)
+    if ending is not None:
+        outcome = describe_stream_end(ending.problem, ending.chars, ended_at - attempt.started_at) + ending.then
     else:
         outcome = _what_came_next(client, summaries, number)
     flow.comment = describe_attempt(summary, number, len(summaries), outcome)
     return flow
 
+
+@dataclass
+class _StreamEnding:
+    problem: str | None  # the error code it ended with (None: complete)
+    chars: int  # reply characters the client had by then
+    at: float  # epoch seconds
+    then: str = ""  # what came after a break: the reply resumed, or not
+
+
+def _stream_ending(client: FlowRecord, attempt: Attempt, later: list[Attempt]) -> _StreamEnding:
+    """How the stream of a relayed attempt ended: the break a continuation took over from, or the client's end."""
+    number = attempt.continuation
+    if number < len(client.resumes):
+        resume = client.resumes[number]
+        at = later[0].started_at if later else time.time()  # its continuation's first attempt began at the break
+        then = " → resumed" if resume.outcome is ResumeOutcome.CONTINUED else " → not resumed"
+        return _StreamEnding(resume.after, resume.at_chars, at, then)
+    return _StreamEnding(client.stream_error, client.reply_chars or 0, time.time())
 
 def _what_came_next(client: FlowRecord, summaries: list[AttemptRecord], number: int) -> str:
     """How the request went on after this attempt: another try, another target or model, or how it ended."""
@@ -187,7 +208,8 @@ def _what_came_next(client: FlowRecord, summaries: list[AttemptRecord], number: 
 def describe_attempt(summary: AttemptRecord, number: int, total: int, outcome: str) -> str:
     """'attempt 2 of 4: 503 → retry (upstream answered 503) after waiting 0.4 s'."""
     joiner = " " if outcome.startswith("→") else ", "
-    text = f"attempt {number} of {total}: {summary.label}{joiner}{outcome}"
+    which = f" (continuation {summary.continuation})" if summary.continuation else ""
+    text = f"attempt {number} of {total}{which}: {summary.label}{joiner}{outcome}"
     if summary.detail:
         text += f" ({summary.detail})"
     if summary.wait_before >= 0.05:

@@ -34,6 +34,9 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key and what is wrong with it."""
 
 
+PrefillSetting = typing.Literal["auto", "assistant", "prefix", "none"]
+
+
 def _range(low: float | None = None, high: float | None = None) -> dict:
     return {"low": low, "high": high}
 
@@ -50,6 +53,7 @@ class TargetProxySection:
     retry_backoff: float = field(default=DEFAULT_POLICY.backoff, metadata=_range(low=1))
     weight: float = field(default=1, metadata=_range(low=0))  # with load_balancing: weighted
     proxy: str | None = None  # http://, https://, socks5:// or socks5h:// proxy; else HTTPS_PROXY etc. (outbound.py)
+    prefill: PrefillSetting = "auto"  # how it continues a reply that broke off (resume.py)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class StreamingSection:
     first_event_timeout: float = field(default=60, metadata=_range(low=0.001))  # response headers -> first event
     idle_timeout: float = field(default=60, metadata=_range(low=0.001))  # longest silence once streaming
     heartbeat_interval: float = field(default=15, metadata=_range(low=0.001))  # SSE comments while the client waits
+    resume: bool = True  # a reply that broke off mid-stream is continued (resume.py)
+    resume_attempts: int = field(default=2, metadata=_range(low=0))  # continuations per request, at most
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class TargetSection:
     api_key: str | None = None
     weight: float = field(default=1, metadata=_range(low=0))
     proxy: str | None = None
+    prefill: PrefillSetting = "auto"
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ def _convert(key: str, hint, value, limits: Mapping, environ: Mapping[str, str])
 
 def _check_scalar(key: str, expected: type, value, limits: Mapping, environ: Mapping[str, str]):
     # bool is an int in Python, but `timeout: true` is a mistake, not 1 second.
-    if isinstance(value, bool) or not isinstance(value, _ACCEPTED[expected]):
+    if isinstance(value, bool) is not (expected is bool) or not isinstance(value, _ACCEPTED[expected]):
         raise ConfigError(f"{key}: must be {_DESCRIBED[expected]}, got {_type_name(value)} {value!r}")
     if expected is str:
         return _expand_environment(key, value, environ)
@@ -245,8 +252,8 @@ def _expand_environment(key: str, value: str, environ: Mapping[str, str]) -> str
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lookup, value)
 
 
-_ACCEPTED = {int: int, float: (int, float), str: str}
-_DESCRIBED = {int: "a whole number", float: "a number", str: "a string"}
+_ACCEPTED = {int: int, float: (int, float), str: str, bool: bool}
+_DESCRIBED = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _describe(hint) -> str:

@@ -6,8 +6,9 @@ how a stream says it is complete and what is written after its last event, which
 yet (an error after them can still be retried: nothing has reached the client), and how a whole answer is told as a
 stream. Everything else — retries, the relay, heartbeats, ending every broken stream — is the same for both.
 
-A request's dialect follows from its endpoint; a request to any other path that carries Anthropic's `anthropic-version`
-header (an Anthropic client listing /v1/models, say) is answered in Anthropic's dialect too.
+A request's dialect follows from its endpoint where the endpoint is one API's; a request to a path both APIs have, or to
+any other path, that carries Anthropic's `anthropic-version` header (an Anthropic client listing /v1/models, say) is
+answered in Anthropic's dialect.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import http
 
 from seaking.errors import ProxyError, reason_phrase
-from seaking.routing import ANTHROPIC_ENDPOINTS, endpoint_of
+from seaking.routing import ANTHROPIC_ENDPOINTS, OPENAI_ENDPOINTS, endpoint_of
 
 DONE = b"data: [DONE]\n\n"
 
@@ -38,6 +39,7 @@ class Usage:
 class EventFacts:
     """What one SSE event's data says, as far as the proxy cares."""
 
+    document: dict | None = field(default=None, compare=False, repr=False)  # the data, parsed (None: not JSON)
     text: str = ""  # reply text it adds (choice 0's content; Anthropic: a text block's text)
     content: bool = False  # it carries something the client shows: text, a tool call, reasoning, a refusal
     tool_call: bool = False  # a tool call or function call (its arguments are not text)
@@ -47,6 +49,11 @@ class EventFacts:
     end: bool = False  # the stream's own last event
     error: bool = False
     usage: Usage | None = None  # the usage it reports (Anthropic: message_start's input, message_delta's output)
+    block: int | None = None  # Anthropic: the index of the content block a content_block_* event is about
+    block_closed: bool = False  # Anthropic: content_block_stop
+
+
+NO_FACTS = EventFacts()  # an event without data (a comment, a heartbeat), or a ping
 
 
 class Dialect(abc.ABC):
@@ -118,7 +125,7 @@ class OpenAIDialect(Dialect):
         if document is None:
             return EventFacts(content=True)
         if _is_error(document):
-            return EventFacts(error=True)
+            return EventFacts(document, error=True)
         text, tool_call, reasoning, other_choice, finish = "", False, False, False, False
         choices = document.get("choices")
         for choice in choices if isinstance(choices, list) else ():
@@ -137,6 +144,7 @@ class OpenAIDialect(Dialect):
         finish = finish or bool(document.get("finish_reason"))  # where a few upstreams put it
         usage = document.get("usage")
         return EventFacts(
+            document,
             text=text,
             content=True,
             tool_call=tool_call,
@@ -193,29 +201,38 @@ class AnthropicDialect(Dialect):
             return EventFacts(content=True)
         kind = document.get("type")
         if kind == "error" or document.get("error"):
-            return EventFacts(error=True)
+            return EventFacts(document, error=True)
         if kind == "message_stop":
-            return EventFacts(end=True)
+            return EventFacts(document, end=True)
         if kind == "ping":
-            return EventFacts()
+            return EventFacts(document)
         if kind == "message_start":
             message = document.get("message") if isinstance(document.get("message"), dict) else {}
             usage = message.get("usage")
             text = _text_of(message.get("content"))
-            return EventFacts(text=text, content=_has_text(message.get("content")), usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
+            return EventFacts(
+                document, text=text, content=_has_text(message.get("content")),
+                usage=_anthropic_usage(usage) if isinstance(usage, dict) else None,
+            )
+        index = document.get("index") if isinstance(document.get("index"), int) else None
         if kind == "content_block_start":
             block = document.get("content_block") if isinstance(document.get("content_block"), dict) else {}
             text = _text_of([block])
-            return EventFacts(text=text, content=bool(text) or bool(block.get("thinking")), **_block_kind(block.get("type")))
+            return EventFacts(
+                document, text=text, content=bool(text) or bool(block.get("thinking")), block=index,
+                **_block_kind(block.get("type")),
+            )
         if kind == "content_block_delta":
             delta = document.get("delta") if isinstance(document.get("delta"), dict) else {}
             text = delta.get("text") if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str) else ""
-            return EventFacts(text=text, content=True, **_block_kind(delta.get("type")))
-        if kind in ("content_block_stop", "message_delta"):
+            return EventFacts(document, text=text, content=True, block=index, **_block_kind(delta.get("type")))
+        if kind == "content_block_stop":
+            return EventFacts(document, block=index, block_closed=True)
+        if kind == "message_delta":
             # message_delta's stop_reason is not enough: clients wait for message_stop.
             usage = document.get("usage")
-            return EventFacts(usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
-        return EventFacts(content=True)  # event types Anthropic may add
+            return EventFacts(document, usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
+        return EventFacts(document, content=True)  # event types Anthropic may add
 
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A message as the events Anthropic would have streamed: text as one text_delta per block (what SillyTavern
@@ -250,11 +267,14 @@ ANTHROPIC = AnthropicDialect()
 
 
 def dialect_for(endpoint: str | None, headers: Container[str]) -> Dialect:
-    """The API a request speaks: from its endpoint (routing.endpoint_of), or Anthropic's version header elsewhere.
+    """The API a request speaks: its endpoint's, where the endpoint is one API's (chat/completions is OpenAI's even
+    with an `anthropic-version` header); elsewhere (models, other paths) Anthropic's when it carries that header.
     `headers` must look names up case-insensitively (mitmproxy's Headers do)."""
-    if endpoint in ANTHROPIC_ENDPOINTS or "anthropic-version" in headers:
+    if endpoint in ANTHROPIC_ENDPOINTS:
         return ANTHROPIC
-    return OPENAI
+    if endpoint in OPENAI_ENDPOINTS:
+        return OPENAI
+    return ANTHROPIC if "anthropic-version" in headers else OPENAI
 
 
 def dialect_of(request: http.Request) -> Dialect:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mitmproxy import http
@@ -31,6 +32,7 @@ from seaking.redaction import scrub, scrub_response
 from seaking.routing import Route, route
 from seaking.stream_answer import StreamAnswer
 from seaking.streaming import UpstreamStream
+from seaking.targets import Target
 from seaking.upstream_run import UpstreamResult, UpstreamRun
 
 if TYPE_CHECKING:
@@ -52,6 +54,8 @@ class Call:
     primary: Route  # the request routed onto the first target: its endpoint, the URL a committed stream shows
     api: Dialect  # the shape of every error and stream ending the proxy makes for it
     secrets: set[str]  # never to be shown: the client's keys and the proxy's
+    upstream_request: UpstreamRequest  # the request as it goes upstream (a continuation is made from it)
+    new_run: Callable[[UpstreamRequest], UpstreamRun]  # a run of that, or of a continuation of it
     started: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -70,6 +74,10 @@ class Call:
         self.record.stopped = result.outcome.stopped
         self.record.answered_by = answered_by
         self.record.status = status
+
+    def note_continuation(self, result: UpstreamResult) -> None:
+        """A continuation's attempts, after the request's own."""
+        self.record.attempts += attempt_records(result.attempts, self.secrets)
 
     def whole_answer(self, result: UpstreamResult) -> http.Response:
         """The answer, when the run ended without a stream to relay."""
@@ -107,7 +115,7 @@ class Exchange:
             return
         try:
             call = self._call(flow)
-            run = self._run(call)
+            run = call.new_run(call.upstream_request)
             if call.record.stream:
                 # The relay owns the run from here: mitmproxy connects to it while the upstream is still thinking, and
                 # a client that leaves drops that connection, which ends the run at once.
@@ -124,36 +132,43 @@ class Exchange:
 
     def _call(self, flow: http.HTTPFlow) -> Call:
         snapshot = self.shared.snapshot
+        config = snapshot.config
         record = self.shared.records.of(flow)
-        record.client_path = flow.request.path
+        request = flow.request
+        record.client_path = request.path
         primary = route(snapshot.failover.targets[0].base_url, record.client_path)  # URLs come per attempt
         record.endpoint = primary.endpoint
         secrets = self.shared.redaction.client_secrets(flow) | snapshot.secrets
-        return Call(flow, record, snapshot, primary, dialect_for(primary.endpoint, flow.request.headers), secrets)
-
-    def _run(self, call: Call) -> UpstreamRun:
-        request, config = call.flow.request, call.config
+        api = dialect_for(primary.endpoint, request.headers)
         upstream_request = UpstreamRequest(
             method=request.method,
-            path=call.record.client_path,
-            headers=self.shared.redaction.client_headers(call.flow),
+            path=record.client_path,
+            headers=self.shared.redaction.client_headers(flow),
             body=request.raw_content or b"",
-            expects_json=call.primary.endpoint is not None,
-            api=call.api,
-            model=call.record.model,
-            first_event_timeout=config.streaming.first_event_timeout if call.record.stream else None,
+            expects_json=primary.endpoint is not None,
+            api=api,
+            model=record.model,
+            first_event_timeout=config.streaming.first_event_timeout if record.stream else None,
         )
 
         def on_attempt(attempt: Attempt, stream: UpstreamStream | None) -> None:
-            self.shared.attempt_flows.note(call.flow, attempt, stream, call.secrets)
+            self.shared.attempt_flows.note(flow, attempt, stream, secrets)
 
         def on_retry(last: Attempt, number: int, wait: float) -> None:
             logger.info(
-                f"{call.flow.request.method} {last.target.host}: attempt {number} of at most {config.retry.max_attempts} "
-                f"failed: {scrub(last.classification.detail, call.secrets)}; retrying in {wait:.1f} s"
+                f"{request.method} {last.target.host}: attempt {number} of at most {config.retry.max_attempts} "
+                f"failed: {scrub(last.classification.detail, secrets)}; retrying in {wait:.1f} s"
             )
 
-        return UpstreamRun(self.shared.pools, config.retry, call.snapshot.failover, upstream_request, on_attempt, on_retry)
+        def new_run(upstream: UpstreamRequest) -> UpstreamRun:
+            def refused(target: Target, model: str | None) -> bool:
+                return upstream.continuation is not None and (target.base_url, model) in snapshot.refused_prefill
+
+            return UpstreamRun(
+                self.shared.pools, config.retry, snapshot.failover, upstream, on_attempt, on_retry, refused
+            )
+
+        return Call(flow, record, snapshot, primary, api, secrets, upstream_request, new_run)
 
     async def _whole(self, call: Call, run: UpstreamRun) -> http.Response | None:
         """The whole answer, or None when the client left (the flow is killed: nobody to answer)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from seaking.flows import is_client_flow
-from seaking.records import AnsweredBy, AttemptRecord, FlowRecord
+from seaking.records import AnsweredBy, AttemptRecord, FlowRecord, ResumeOutcome, ResumeRecord
 from seaking.shutdown import SHUTDOWN_CODE
 
 if TYPE_CHECKING:
@@ -34,7 +34,15 @@ STREAM_PROBLEMS = {
     "stream_interrupted": "broke",
     "stream_idle_timeout": "went silent",
     "stream_incomplete": "ended early",
+    "stream_upstream_error": "ended with an upstream error",
     SHUTDOWN_CODE: "was cut off by the shutdown",
+}
+# What broke a stream that was then continued (or not), by the same codes.
+BREAKS = {
+    "stream_interrupted": "a drop",
+    "stream_idle_timeout": "a stall",
+    "stream_incomplete": "an early end",
+    "stream_upstream_error": "an upstream error",
 }
 
 
@@ -74,28 +82,40 @@ def notes(record: FlowRecord) -> tuple[str, str]:
     elif record.answered_by in (AnsweredBy.MODELS_CACHE, AnsweredBy.MODELS_FALLBACK):
         ending = "→ models from cache" if record.answered_by is AnsweredBy.MODELS_CACHE else "→ models from models.fallback"
     elif stream_error:
-        ending = describe_stream_end(record, record.duration or record.elapsed or 0.0)
+        ending = describe_stream_end(stream_error, record.reply_chars or 0, record.duration or record.elapsed or 0.0)
     else:
         ending = ""
+    resumed = "; ".join(describe_resume(r) for r in record.resumes)
+    if resumed:
+        ending = f"{ending}; {resumed}" if ending else f"→ {resumed}"
     if record.gave_up or stream_error:
         mark = FAILED_MARK
     else:
-        mark = RETRIED_MARK if len(attempts) > 1 else ""
+        mark = RETRIED_MARK if len(attempts) > 1 or record.resumes else ""
     if len(attempts) == 1 and not ending:
         return mark, ""
-    comment = describe_history(attempts, record.elapsed or 0.0, ending)
+    seconds = record.duration if record.duration is not None else record.elapsed  # a stream: until its last byte
+    comment = describe_history(attempts, seconds or 0.0, ending)
     if stream_error:
         comment += f" ({stream_error})"
     return mark, comment
 
 
-def describe_stream_end(record: FlowRecord, seconds: float) -> str:
+def describe_resume(resume: ResumeRecord) -> str:
+    """'resumed after a drop at 412 chars', 'not resumed after a stall at 80 chars (the reply had tool calls)'."""
+    where = f"after {BREAKS.get(resume.after, resume.after)} at {resume.at_chars:,} char{'' if resume.at_chars == 1 else 's'}"
+    if resume.outcome is ResumeOutcome.CONTINUED:
+        return f"resumed {where}"
+    why = {ResumeOutcome.REFUSED: "the upstream refused the prefill", ResumeOutcome.FAILED: "its continuation failed"}
+    detail = resume.detail or why.get(resume.outcome, "")
+    return f"not resumed {where}" + (f" ({detail})" if detail else "")
+
+
+def describe_stream_end(problem: str | None, chars: int, seconds: float) -> str:
     """How a relayed stream ended: '→ success', or 'stream broke after 412 chars in 0.1 s'."""
-    problem = record.stream_error
     if problem is None:
         return "→ success"
     what = STREAM_PROBLEMS.get(problem, "ended with an error event")
-    chars = record.reply_chars or 0
     return f"stream {what} after {chars:,} char{'' if chars == 1 else 's'} in {seconds:.1f} s"
 
 
@@ -107,7 +127,10 @@ def describe_history(attempts: list[AttemptRecord], total_seconds: float, ending
     hosts = len({a.target for a in attempts if a.target}) > 1
     models = len({a.model for a in attempts}) > 1
     labels = [
-        " ".join([a.label] + ([a.target] if hosts and a.target else []) + ([str(a.model)] if models else []))
+        " ".join(
+            (["continuation"] if a.continuation else []) + [a.label] + ([a.target] if hosts and a.target else [])
+            + ([str(a.model)] if models else [])
+        )
         for a in attempts
     ]
     noun = "attempt" if len(attempts) == 1 else "attempts"

@@ -79,6 +79,12 @@ class Metrics:
             "seaking_give_ups", "Requests whose every attempt failed, by why retrying stopped (attempts, deadline, budget).",
             ["reason"], registry=registry,
         )
+        self.resumes = Counter(
+            "seaking_stream_resumes",
+            "Streams that broke off after content, by what became of the reply: continued, failed, refused (the "
+            "upstream refused the prefill), not_possible (tool calls, reasoning, n > 1, the retry budget, ...).",
+            ["outcome"], registry=registry,
+        )
         self.budget_refusals = Counter(
             "seaking_retry_budget_refusals", "Retries the retry budget refused (the request was answered with its failure).",
             registry=registry,
@@ -129,6 +135,8 @@ class Metrics:
             self.retries.labels(endpoint).inc(len(record.attempts) - 1)
         if record.elapsed is not None:
             self.first_byte.labels(endpoint, stream).observe(record.elapsed)
+        for resume in record.resumes:
+            self.resumes.labels(resume.outcome.value).inc()
         if record.verdict is Verdict.RETRY and record.stopped is not None:
             self.give_ups.labels(record.stopped.value).inc()
             if record.stopped is StopReason.BUDGET:

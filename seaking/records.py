@@ -48,6 +48,7 @@ class AttemptRecord:
     seconds: float = 0.0  # from sending to the verdict
     wait_before: float = 0.0  # since the attempt before it ended (back-off, Retry-After)
     flow: str | None = None  # the id of its attempt flow, where one was made
+    continuation: int = 0  # which continuation of a broken-off reply it asked for (0: the request itself)
 
     def to_metadata(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class AttemptRecord:
             "seconds": self.seconds,
             "wait_before": self.wait_before,
             **({"flow": self.flow} if self.flow else {}),
+            **({"continuation": self.continuation} if self.continuation else {}),
         }
 
     @classmethod
@@ -76,7 +78,34 @@ class AttemptRecord:
             seconds=data.get("seconds", 0.0),
             wait_before=data.get("wait_before", 0.0),
             flow=data.get("flow"),
+            continuation=data.get("continuation", 0),
         )
+
+
+@dataclass
+class ResumeRecord:
+    """One time a stream broke off after content and the proxy tried to continue the reply (resume.py)."""
+
+    after: str  # the error code of the break: stream_interrupted, stream_idle_timeout, stream_incomplete, ...
+    at_chars: int  # characters of reply text the client had then
+    outcome: ResumeOutcome
+    detail: str = ""  # why not, when it was not continued
+
+    def to_metadata(self) -> dict:
+        data = {"after": self.after, "at_chars": self.at_chars, "outcome": self.outcome.value}
+        return {**data, "detail": self.detail} if self.detail else data
+
+    @classmethod
+    def from_metadata(cls, data: dict) -> ResumeRecord:
+        return cls(data.get("after", ""), data.get("at_chars", 0), ResumeOutcome(data.get("outcome", "failed")),
+                   data.get("detail", ""))
+
+
+class ResumeOutcome(enum.Enum):
+    CONTINUED = "continued"  # a continuation's stream went on where the reply broke off
+    FAILED = "failed"  # every continuation attempt failed
+    REFUSED = "refused"  # the upstream refused the prefill (remembered for that target and model)
+    NOT_POSSIBLE = "not_possible"  # nothing could continue it: tool calls, no target that takes a prefill, the budget
 
 
 @dataclass
@@ -98,6 +127,7 @@ class FlowRecord:
     stream_error: str | None = None  # the stream answer: the error code the stream was ended with
     reply_chars: int | None = None  # the stream answer: characters of reply text streamed to the client
     duration: float | None = None  # the stream answer: seconds from the request to the stream's last byte
+    resumes: list[ResumeRecord] = field(default_factory=list)  # the stream answer: each break after content
     ended_early: str | None = None  # Exchange: the error code a request was answered with before its exchange ended
 
     @property
@@ -114,7 +144,7 @@ class FlowRecord:
                 continue
             if isinstance(value, enum.Enum):
                 value = value.value
-            elif f.name == "attempts":
+            elif f.name in ("attempts", "resumes"):
                 value = [a.to_metadata() for a in value]
             data[f.name] = value
         return data
@@ -132,6 +162,7 @@ class FlowRecord:
 
 _PARSERS = {
     "attempts": lambda items: [AttemptRecord.from_metadata(a) for a in items],
+    "resumes": lambda items: [ResumeRecord.from_metadata(r) for r in items],
     "verdict": Verdict,
     "stopped": StopReason,
     "answered_by": AnsweredBy,

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 # Anthropic's Messages API; it lives under /v1 only.
 ANTHROPIC_ENDPOINTS = frozenset({"messages", "messages/count_tokens"})
-JSON_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"}) | ANTHROPIC_ENDPOINTS
+OPENAI_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
+JSON_ENDPOINTS = OPENAI_ENDPOINTS | ANTHROPIC_ENDPOINTS
 MODELS_ENDPOINT = "models"
 _VERSION_PREFIX = re.compile(r"^v1(/|$)")
 

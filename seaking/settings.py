@@ -146,10 +146,11 @@ def build_failover(config: Config, modes: list[str], previous: Failover | None =
     primary = config.target_proxy.url or reverse_target(modes)
     if primary is None:
         raise ConfigError("seaking-proxy needs an upstream: run mitmproxy with --mode reverse:<url>, or set target_proxy.url")
-    sections = [(primary, config.target_proxy.api_key, config.target_proxy.weight, config.target_proxy.proxy)]
-    sections += [(t.url, t.api_key, t.weight, t.proxy) for t in config.targets]
+    sections = [(primary, config.target_proxy.api_key, config.target_proxy.weight, config.target_proxy.proxy,
+                 config.target_proxy.prefill)]
+    sections += [(t.url, t.api_key, t.weight, t.proxy, t.prefill) for t in config.targets]
     try:
-        proxies = [proxy_for(url, proxy) for url, _, _, proxy in sections]
+        proxies = [proxy_for(url, proxy) for url, _, _, proxy, _ in sections]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     earlier: dict[tuple, list[Target]] = {}
@@ -157,13 +158,14 @@ def build_failover(config: Config, modes: list[str], previous: Failover | None =
         earlier.setdefault((target.base_url, target.proxy), []).append(target)
     settings = config.circuit_breaker
     targets = []
-    for (url, api_key, weight, _), proxy in zip(sections, proxies):
+    for (url, api_key, weight, _, prefill), proxy in zip(sections, proxies):
         same = earlier.get((url, proxy))
         if same:
-            target = dataclasses.replace(same.pop(0), api_key=api_key, weight=weight)
+            target = dataclasses.replace(same.pop(0), api_key=api_key, weight=weight, prefill=prefill)
             target.breaker.failure_threshold, target.breaker.open_seconds = settings.failure_threshold, settings.open_seconds
         else:
-            target = Target(url, api_key, weight, CircuitBreaker(settings.failure_threshold, settings.open_seconds), proxy)
+            breaker = CircuitBreaker(settings.failure_threshold, settings.open_seconds)
+            target = Target(url, api_key, weight, breaker, proxy, prefill=prefill)
         targets.append(target)
     # The retry budget counts the traffic of the last seconds: it carries over too.
     budget = previous.budget if previous and previous.budget else RetryBudget(0, 0)

@@ -24,6 +24,8 @@ class Snapshot:
     config: Config
     failover: Failover  # the targets (their breakers carry over a reload), retry budget, model fallbacks
     models: ModelListStore  # the /models cache (kept over a reload while its file stays the same)
+    # (target URL, model) that refused a prefill (a continuation's 400): not asked again until the config is reloaded
+    refused_prefill: set[tuple[str, str | None]] = field(default_factory=set, compare=False)
 
     @functools.cached_property
     def secrets(self) -> frozenset[str]:

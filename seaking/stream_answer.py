@@ -1,18 +1,23 @@
-"""The answer to a "stream": true request: a relay job that owns the request's upstream run and everything it opens.
+"""The answer to a "stream": true request: a relay job that owns the request's upstream runs and all they open.
 
-The Exchange hands it to the relay as soon as the run starts; the relay asks for its head when mitmproxy connects,
-streams its body, and closes it once (`aclose`) whatever happened — the stream ended, the client left, the proxy stopped.
+The Exchange hands it to the relay as soon as the first run starts; the relay asks for its head when mitmproxy connects,
+streams its body, and closes it once (`aclose`) whatever happened — the stream ended, the client left, the proxy
+stopped.
 
     head  the run ended within heartbeat_interval: its stream's status and headers, or its failure as a whole answer;
           else (or with the shutdown's grace period over) a committed 200 SSE answer
     body  heartbeats while the run still goes on; then the upstream's events, piped (streaming.py) until the stream's
-          own end, or ended by exactly one error event; or a failure as that error event
+          own end. A stream that breaks off after content — a drop, a silence past idle_timeout, an end without its own
+          end, an error event from the upstream — is continued where it broke, if it can be (resume.py): a
+          continuation run, heartbeats while it runs, and its events spliced into the same stream (splice.py).
+          Otherwise, or when that fails too, the stream ends with exactly one error event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,11 +28,14 @@ from mitmproxy import http
 from retry_policy import Verdict
 from seaking.answers import INTERNAL_ERROR, failure_in_stream, forwardable_headers, internal_error, seaking_headers
 from seaking.errors import ProxyError
-from seaking.records import AnsweredBy
+from seaking.records import AnsweredBy, ResumeOutcome, ResumeRecord
 from seaking.redaction import scrub
 from seaking.relay import Head
+from seaking.resume import Continuation, why_not_continued
 from seaking.shutdown import ShutdownSignal
-from seaking.streaming import pipe
+from seaking.splice import Splicer, splicer_for
+from seaking.sse import parse_event
+from seaking.streaming import ClientStream, Pipe, UpstreamStream, read, stream_incomplete
 from seaking.upstream_run import UpstreamResult
 
 if TYPE_CHECKING:
@@ -36,31 +44,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger("seaking")
 
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
+# The breaks a reply is continued after. Not the shutdown's: the proxy is stopping.
+CONTINUED_AFTER = {
+    "stream_interrupted": "a drop",
+    "stream_idle_timeout": "a stall",
+    "stream_incomplete": "an early end",
+    "stream_upstream_error": "an upstream error",
+}
+PREFILL_REFUSED = (400, 422)  # how an upstream refuses a continuation request it cannot take
 
 
 class StreamAnswer:
-    """A relay job (relay.py): the streamed answer to one client request, from its upstream run."""
+    """A relay job (relay.py): the streamed answer to one client request, from its upstream runs."""
 
     def __init__(self, call: Call, run: asyncio.Task[UpstreamResult], shutdown: ShutdownSignal) -> None:
         self.call = call
-        self._run = run
+        self._runs = [run]  # the request's run, then one per continuation: ours to end
+        self._results: list[UpstreamResult] = []  # taken from the runs once they are over: ours to close
+        self._taken: set[asyncio.Task] = set()  # the runs whose result is in _results
         self._grace_over = shutdown.grace_over
-        self._result: UpstreamResult | None = None  # taken from the run once it is over: then ours to close
         self._whole: http.Response | None = None  # an answer sent whole instead of a stream
         self._committed = False  # answered 200 with heartbeats before the run ended
+        self._continuations = 0  # continuation runs started
         self.streamed = True
         self.shown_url: str | None = None  # where the answer came from, once known (mitmweb shows it)
 
+    # --- the relay's side ----------------------------------------------------------------------------------------
+
     async def head(self) -> Head:
-        call = self.call
+        call, run = self.call, self._runs[0]
         try:
-            await asyncio.wait(
-                {self._run, self._grace_over},
-                timeout=call.config.streaming.heartbeat_interval,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if self._run.done():
-                result = self._take_result()
+            await asyncio.wait({run, self._grace_over}, timeout=self._heartbeat, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():
+                result = self._take(run)
                 self.shown_url = call.shown_url(result.last)
                 if result.stream is None:
                     return self._answer_whole(call.whole_answer(result))
@@ -69,7 +85,7 @@ class StreamAnswer:
                 headers = forwardable_headers(last.raw_headers) + list(seaking_headers(result.outcome).items())
                 return Head(last.status, headers, last.reason)
             if self._grace_over.done():
-                self._run.cancel()
+                run.cancel()
                 return self._answer_whole(call.ended_early(self._grace_over.result()))
         except Exception:  # a bug of ours: see Exchange.request
             return self._answer_whole(internal_error(call.flow, call.api))
@@ -77,52 +93,45 @@ class StreamAnswer:
         call.record.heartbeats = True
         return Head(200, SSE_HEADERS)
 
-    def _answer_whole(self, response: http.Response) -> Head:
-        self._whole, self.streamed = response, False
-        headers = [(k, v) for k, v in response.headers.items(multi=True) if k.lower() not in ("content-length", "transfer-encoding")]
-        headers.append(("content-length", str(len(response.raw_content or b""))))
-        return Head(response.status_code, headers, response.reason)
-
     async def body(self) -> AsyncIterator[bytes]:
         if self._whole is not None:
             yield self._whole.raw_content or b""
             return
+        client = ClientStream(self.call.api)
         if self._committed:
-            async for chunk in self._heartbeats_until_the_run_ends():
+            async for chunk in self._until_the_first_run_ends(client):
                 yield chunk
-        result = self._result
-        if result is None or result.stream is None:
-            return
-        call, streaming = self.call, self.call.config.streaming
-        try:
-            async for chunk in pipe(result.stream, streaming.idle_timeout, self._report, self._grace_over):
+        if self._results and self._results[0].stream is not None:
+            async for chunk in self._relay(self._results[0].stream, client):
                 yield chunk
-        except Exception:  # a bug of ours mid-stream: the client still gets one error event and a clean end
-            logger.exception(f"{call.flow.request.method} {call.flow.request.path}: seaking-proxy failed mid-stream")
-            tail, _ = result.stream.watcher.ending(INTERNAL_ERROR)
-            self._report(INTERNAL_ERROR)
-            yield tail
-        call.record.reply_chars = result.stream.watcher.reply.chars
-        call.record.duration = round(time.time() - call.started, 3)
 
-    async def _heartbeats_until_the_run_ends(self) -> AsyncIterator[bytes]:
+    async def aclose(self) -> None:
+        """Whatever happened: every run ends, and every upstream stream they brought (read or not) is closed."""
+        for run in self._runs:
+            if not run.done():
+                run.cancel()
+                await asyncio.wait({run})  # a cancelled run closes what it opened
+            if run.cancelled() or run in self._taken:
+                continue
+            if run.exception() is not None:  # a bug in the run, and nobody was there to answer for it
+                logger.error("seaking-proxy's upstream run failed", exc_info=run.exception())
+            else:
+                self._take(run)  # it was over before anyone took its result
+        for result in self._results:
+            await result.aclose()
+
+    # --- the stream ------------------------------------------------------------------------------------------------
+
+    async def _until_the_first_run_ends(self, client: ClientStream) -> AsyncIterator[bytes]:
         """The client has waited heartbeat_interval with nothing: it gets a heartbeat every heartbeat_interval until
         the run brings a stream to pipe, or a failure to report as an error event."""
-        call, api = self.call, self.call.api
-        while not self._run.done():
-            if self._grace_over.done():
-                self._run.cancel()
-                error = self._grace_over.result()
-                self._report(error)
-                yield api.error_event(error) + api.end_of_stream
-                return
-            yield api.heartbeat
-            await asyncio.wait(
-                {self._run, self._grace_over},
-                timeout=call.config.streaming.heartbeat_interval,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        result = self._take_result()
+        call, api, run = self.call, self.call.api, self._runs[0]
+        async for chunk in self._heartbeats_until(run):
+            yield chunk
+        if not run.done():  # the grace period is over
+            yield self._end(client, self._grace_over.result())
+            return
+        result = self._take(run)
         last = result.last
         call.note_result(result, AnsweredBy.UPSTREAM if result.stream else AnsweredBy.PROXY, 200)
         if result.stream is not None:
@@ -133,30 +142,156 @@ class StreamAnswer:
                 yield replay
                 return
         error = failure_in_stream(result.outcome, call.config.retry, time.time() - call.started)
-        error = dataclasses.replace(error, message=scrub(error.message, call.secrets))
-        self._report(error)
-        yield api.error_event(error) + api.end_of_stream
+        yield self._end(client, dataclasses.replace(error, message=scrub(error.message, call.secrets)))
 
-    def _take_result(self) -> UpstreamResult:
-        """The run's result (it must be over), now ours to close."""
-        self._result = self._run.result()
-        return self._result
+    async def _relay(self, stream: UpstreamStream, client: ClientStream) -> AsyncIterator[bytes]:
+        """The upstream's events to the client, each continuation's spliced in after a break, and one clean end."""
+        call, api = self.call, self.call.api
+        splicer: Splicer | None = None
+        try:
+            while True:
+                pipe = Pipe(stream, call.config.streaming.idle_timeout, self._grace_over)
+                held = None  # the upstream's error event after content: held back while the reply may go on
+                async for event, facts in pipe:
+                    if facts.error and client.reply.has_content and self._continuable(client) is None:
+                        held = event
+                        continue
+                    if splicer is None:
+                        yield client.sent(event.raw, facts)
+                    else:
+                        for raw in splicer.splice(event, facts):
+                            yield client.sent(raw, read(api, parse_event(raw)))
+                if splicer is not None:
+                    for raw in splicer.flush():
+                        yield client.sent(raw, read(api, parse_event(raw)))
+                problem = self._break(pipe, stream, held)
+                if problem is None:
+                    break
+                continued = None
+                if problem.code in CONTINUED_AFTER:
+                    async for chunk in self._continue(client, problem):
+                        if isinstance(chunk, bytes):
+                            yield chunk
+                        else:
+                            continued = chunk
+                if continued is None:
+                    if held is not None:
+                        yield client.sent(held.raw, read(api, held))  # the upstream's own words on what went wrong
+                    yield self._end(client, problem)
+                    return
+                stream, splicer = continued, splicer_for(api, client.reply)
+            yield self._end(client, None)
+        except Exception:  # a bug of ours mid-stream: the client still gets one error event and a clean end
+            logger.exception(f"{call.flow.request.method} {call.flow.request.path}: seaking-proxy failed mid-stream")
+            yield self._end(client, INTERNAL_ERROR)
+        finally:
+            call.record.reply_chars = client.reply.chars
+            call.record.duration = round(time.time() - call.started, 3)
+
+    def _break(self, pipe: Pipe, stream: UpstreamStream, held) -> ProxyError | None:
+        """Why the upstream's part of the stream ended before the reply was complete; None if it was complete."""
+        if pipe.problem is not None:
+            return pipe.problem
+        if stream.reply.complete:
+            return None
+        if held is not None or stream.reply.errors:
+            said = scrub((held.data or b"").decode("utf-8", "replace")[:300] if held else "", self.call.secrets)
+            return ProxyError(502, f"Upstream reported an error in the middle of the stream: {said}", "stream_upstream_error")
+        return stream_incomplete(self.call.api)
+
+    def _end(self, client: ClientStream, problem: ProxyError | None) -> bytes:
+        tail, problem = client.ending(problem)
+        if problem is not None:
+            self._report(problem)
+        return tail
+
+    # --- continuing a reply that broke off --------------------------------------------------------------------------
+
+    def _continuable(self, client: ClientStream) -> str | None:
+        """Why the client's reply cannot be continued now (None: it can be asked for)."""
+        call = self.call
+        streaming = call.config.streaming
+        if not streaming.resume:
+            return "streaming.resume is off"
+        if self._continuations >= streaming.resume_attempts:
+            return f"{self._continuations} continuation(s) already (streaming.resume_attempts)"
+        try:
+            request = json.loads(call.upstream_request.body)
+        except ValueError:
+            return "the request body is not JSON"
+        return why_not_continued(request, call.api, client.reply) if isinstance(request, dict) else "not a JSON object"
+
+    async def _continue(self, client: ClientStream, problem: ProxyError) -> AsyncIterator[bytes | UpstreamStream]:
+        """Ask the upstream to continue the reply: heartbeats while it runs, then its stream (the last item), or
+        nothing when it cannot be continued. The resume is recorded either way."""
+        call = self.call
+        continuation = Continuation(client.reply.text, client.reply.tokens_generated(), len(call.record.resumes) + 1)
+        run = call.new_run(dataclasses.replace(call.upstream_request, continuation=continuation))
+        if not call.config.streaming.resume or not run.can_start():
+            return  # turned off, or no target takes a prefill (prefill: none, or refused before): nothing to say
+        record = ResumeRecord(problem.code, client.reply.chars, ResumeOutcome.NOT_POSSIBLE)
+        call.record.resumes.append(record)
+        record.detail = self._continuable(client) or ""
+        if record.detail:
+            return
+        budget = call.snapshot.failover.budget
+        if budget is not None and not budget.try_spend():
+            record.detail = "the retry budget is spent"
+            return
+        logger.info(f"{call.flow.request.method} {call.primary.url}: {problem.message} Asking the upstream to continue it.")
+        task = asyncio.create_task(run.result())
+        self._runs.append(task)
+        self._continuations += 1
+        async for chunk in self._heartbeats_until(task):
+            yield chunk
+        if not task.done():  # the grace period is over
+            record.outcome, record.detail = ResumeOutcome.FAILED, "the proxy is shutting down"
+            return
+        result = self._take(task)
+        call.note_continuation(result)
+        if result.stream is not None:
+            record.outcome = ResumeOutcome.CONTINUED
+            yield result.stream
+            return
+        last = result.last
+        record.outcome, record.detail = ResumeOutcome.FAILED, scrub(last.classification.detail, call.secrets)
+        if last.classification.verdict is not Verdict.RETRY and last.status in PREFILL_REFUSED:
+            call.snapshot.refused_prefill.add((last.target.base_url, last.model))
+            record.outcome = ResumeOutcome.REFUSED
+            logger.warning(
+                f"{last.target.host} refused a continuation of a reply for {last.model} ({last.status}): "
+                "not asked again until the config is reloaded"
+            )
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+
+    @property
+    def _heartbeat(self) -> float:
+        return self.call.config.streaming.heartbeat_interval
+
+    async def _heartbeats_until(self, run: asyncio.Task) -> AsyncIterator[bytes]:
+        """A heartbeat every heartbeat_interval until `run` is over, or the grace period (then the run is cancelled)."""
+        while not run.done():
+            if self._grace_over.done():
+                run.cancel()
+                return
+            yield self.call.api.heartbeat
+            await asyncio.wait({run, self._grace_over}, timeout=self._heartbeat, return_when=asyncio.FIRST_COMPLETED)
+
+    def _take(self, run: asyncio.Task[UpstreamResult]) -> UpstreamResult:
+        """A run's result (it must be over), now ours to close."""
+        result = run.result()
+        self._taken.add(run)
+        self._results.append(result)
+        return result
+
+    def _answer_whole(self, response: http.Response) -> Head:
+        self._whole, self.streamed = response, False
+        headers = [(k, v) for k, v in response.headers.items(multi=True) if k.lower() not in ("content-length", "transfer-encoding")]
+        headers.append(("content-length", str(len(response.raw_content or b""))))
+        return Head(response.status_code, headers, response.reason)
 
     def _report(self, problem: ProxyError) -> None:
         flow = self.call.flow
         logger.warning(f"{flow.request.method} {self.call.primary.url}: {problem.message} Ended the stream with an error event.")
         self.call.record.stream_error = problem.code
-
-    async def aclose(self) -> None:
-        """Whatever happened: the run ends, and the upstream stream it brought (read or not) is closed."""
-        run = self._run
-        if not run.done():
-            run.cancel()
-            await asyncio.wait({run})  # a cancelled run closes what it opened
-        if self._result is None and not run.cancelled():
-            if run.exception() is not None:  # a bug in the run, and nobody was there to answer for it
-                logger.error("seaking-proxy's upstream run failed", exc_info=run.exception())
-            else:
-                self._result = run.result()  # it was over before anyone took its result
-        if self._result is not None:
-            await self._result.aclose()

@@ -1,9 +1,11 @@
 """Server-sent events between the upstream and the client, with the guarantee SillyTavern needs: every stream ends.
 
 SillyTavern never ends its own reply when the upstream drops a stream after the headers, so the chat hangs until the
-user reloads. Here every way a stream can go wrong after the client got its first byte — a drop, a silence longer than
-idle_timeout, an end without `[DONE]` or a finish_reason (Anthropic: without `message_stop`) — becomes exactly one
-error event in the request's API dialect (OpenAI: `data: {"error": ...}`, then `data: [DONE]`; Anthropic:
+user reloads. Here an upstream stream is read event by event (sse.py): judged at its first content, then piped with an
+idle timeout. Every way it can go wrong after the client got its first byte — a drop, a silence longer than
+idle_timeout, an end without `[DONE]` or a finish_reason (Anthropic: without `message_stop`) — is known when the pipe
+ends, so that the stream answer (stream_answer.py) can continue the reply (resume.py) or end the client's stream with
+exactly one error event in the request's API dialect (OpenAI: `data: {"error": ...}`, then `data: [DONE]`; Anthropic:
 `event: error` and nothing after it), then a clean end of the body.
 """
 
@@ -11,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from retry_policy import Classification, Failure, Verdict
-from seaking.dialects import Dialect, EventFacts
+from seaking.dialects import NO_FACTS, Dialect, EventFacts
 from seaking.errors import ProxyError
-
+from seaking.sse import SseEvent, SseFramer
 
 # What is kept of a relayed stream for its attempt flow (attempt_flows.py), when one is made.
 RECEIVED_LIMIT = 1024 * 1024
@@ -29,17 +31,42 @@ def is_event_stream(content_type: str) -> bool:
     return content_type.lower().startswith("text/event-stream")
 
 
+def stream_interrupted() -> ProxyError:
+    return ProxyError(
+        502, "Upstream connection dropped in the middle of the stream; the reply is incomplete.", "stream_interrupted"
+    )
+
+
+def stream_idle(idle_timeout: float) -> ProxyError:
+    return ProxyError(
+        504, f"Upstream sent nothing for {idle_timeout:g} s in the middle of the stream; the reply is incomplete.",
+        "stream_idle_timeout",
+    )
+
+
+def stream_incomplete(api: Dialect) -> ProxyError:
+    return ProxyError(
+        502, f"Upstream ended the stream before the reply was complete ({api.complete_ending}).", "stream_incomplete"
+    )
+
+
 @dataclass
 class Reply:
-    """What a stream's events have said so far about the reply in them."""
+    """What a stream's events have said: the reply in them so far, and where the stream stands."""
 
-    pieces: list[str] = field(default_factory=list)  # the reply text, as it came
+    pieces: list[str] = field(default_factory=list)  # the reply text (choice 0's), as it came
     deltas: int = 0  # events that carried content
     tool_calls: bool = False
     reasoning: bool = False
     other_choices: bool = False
     prompt_tokens: int | None = None  # as reported by the upstream
     completion_tokens: int | None = None
+    identity: dict | None = None  # OpenAI: the first chunk's id, created and model
+    open_block: int | None = None  # Anthropic: the content block started and not stopped yet
+    blocks: int = 0  # Anthropic: content blocks started
+    ended: bool = False  # the stream's own last event: [DONE], message_stop
+    finished: bool = False  # a finish_reason: complete, even if its [DONE] never comes (OpenAI)
+    errors: int = 0  # error events
 
     @property
     def text(self) -> str:
@@ -49,6 +76,15 @@ class Reply:
     def chars(self) -> int:
         return sum(map(len, self.pieces))
 
+    @property
+    def has_content(self) -> bool:
+        return self.deltas > 0
+
+    @property
+    def complete(self) -> bool:
+        """Whether the reply needs nothing more than, perhaps, its end of stream."""
+        return self.ended or self.finished
+
     def add(self, facts: EventFacts) -> None:
         if facts.text:
             self.pieces.append(facts.text)
@@ -57,75 +93,56 @@ class Reply:
         self.tool_calls |= facts.tool_call
         self.reasoning |= facts.reasoning
         self.other_choices |= facts.other_choice
+        self.ended |= facts.end
+        self.finished |= facts.finish
+        self.errors += facts.error
         if facts.usage is not None:
             if facts.usage.prompt:
                 self.prompt_tokens = facts.usage.prompt
             if facts.usage.completion:
                 self.completion_tokens = facts.usage.completion  # cumulative: the last report counts
+        if self.identity is None and facts.document is not None and "id" in facts.document and "choices" in facts.document:
+            self.identity = {k: facts.document[k] for k in ("id", "created", "model") if k in facts.document}
+        if facts.block is not None:
+            if facts.block_closed:
+                self.open_block = None if self.open_block == facts.block else self.open_block
+            elif facts.document is not None and facts.document.get("type") == "content_block_start":
+                self.open_block = facts.block
+                self.blocks = max(self.blocks, facts.block + 1)
+
+    def tokens_generated(self) -> int:
+        """How many tokens of the reply there are: as reported, or else one per content event."""
+        return max(self.completion_tokens or 0, self.deltas)
 
 
-class SseWatcher:
-    """Follows an SSE byte stream without changing it: which events went by, what the reply says so far, and where
-    the stream stands."""
+def read(api: Dialect, event: SseEvent) -> EventFacts:
+    return NO_FACTS if event.data is None else api.read_event(event.data)
+
+
+class ClientStream:
+    """What a client's stream has been sent: its reply so far, and how to end it cleanly."""
 
     def __init__(self, api: Dialect) -> None:
         self.api = api
-        self._partial = b""  # an incomplete line
-        self._event_open = False  # data lines seen since the last blank line
-        self.data_lines = 0
         self.reply = Reply()
-        self.content_started = False  # data that is content went by (not an error, not a preamble event)
-        self.error_first: bytes | None = None  # the data of an error event that came before any content
-        self.saw_done = False  # the stream's own last event: [DONE], message_stop
-        self.saw_finish = False
-        self.saw_error = False
+        self.bytes_sent = 0
 
-    def feed(self, chunk: bytes) -> None:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._line(line.rstrip(b"\r"))
-
-    def _line(self, line: bytes) -> None:
-        if not line:
-            self._event_open = False
-            return
-        if not line.startswith(b"data:"):
-            return  # comments (": keep-alive"), event:, id:, retry:
-        self._event_open = True
-        self.data_lines += 1
-        payload = line[5:].strip()
-        facts = self.api.read_event(payload)
+    def sent(self, raw: bytes, facts: EventFacts) -> bytes:
         self.reply.add(facts)
-        self.saw_done |= facts.end
-        self.saw_finish |= facts.finish
-        self.saw_error |= facts.error
-        if not self.content_started:
-            if facts.error:
-                self.error_first = self.error_first or payload
-            elif facts.content or facts.end:
-                self.content_started = True
-
-    def to_boundary(self) -> bytes:
-        """What ends the current line and event, so that an appended event is read as an event of its own."""
-        if self._partial:
-            return b"\n\n"
-        return b"\n" if self._event_open else b""
+        self.bytes_sent += len(raw)
+        return raw
 
     def ending(self, problem: ProxyError | None) -> tuple[bytes, ProxyError | None]:
-        """The bytes that close the stream cleanly, given how the upstream's part ended, and what went wrong if
-        anything did (None for a complete reply)."""
-        api = self.api
-        if self.saw_done:
+        """The bytes that end the stream cleanly, given why the upstream's part ended (None: it ended by itself),
+        and what went wrong if anything did (None for a complete reply)."""
+        api, reply = self.api, self.reply
+        if reply.ended:
             return b"", None
-        if problem is None and self.saw_finish:
-            return self.to_boundary() + api.end_of_stream, None  # only OpenAI's finish comes before its end
-        if problem is None:
-            problem = ProxyError(
-                502, f"Upstream ended the stream before the reply was complete ({api.complete_ending}).", "stream_incomplete"
-            )
-        error_event = b"" if self.saw_error else api.error_event(problem)  # never a second error after the upstream's own
-        return self.to_boundary() + error_event + api.end_of_stream, problem
+        if problem is None and reply.finished:
+            return api.end_of_stream, None  # only OpenAI's finish comes before its end
+        problem = problem or stream_incomplete(api)
+        error_event = b"" if reply.errors else api.error_event(problem)  # never a second error after the upstream's own
+        return error_event + api.end_of_stream, problem
 
 
 class UpstreamStream:
@@ -135,15 +152,15 @@ class UpstreamStream:
     It is made by `read_first_event` and handed, with the attempt that opened it, to whoever relays it; the stream
     answer (stream_answer.py) closes it when the client's stream is over, whatever ended it."""
 
-    def __init__(self, response: aiohttp.ClientResponse, watcher: SseWatcher, prefetched: bytes) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, api: Dialect, framer: SseFramer, first: list[tuple[SseEvent, EventFacts]]
+    ) -> None:
         self.response = response
-        self.watcher = watcher
-        self.prefetched = prefetched  # read while judging the first event: not yet sent to anyone
-        self.received: bytearray | None = None  # when set, what is read after `prefetched` is kept here (attempt flows)
-
-    @property
-    def content(self) -> aiohttp.StreamReader:
-        return self.response.content
+        self.api = api
+        self.framer = framer
+        self.first_events = first  # read while judging the first event (with what each says): not yet sent to anyone
+        self.reply = Reply()  # what the upstream's events said, as far as they were piped
+        self.received: bytearray | None = None  # when set, what is read after the first events (attempt flows)
 
     def keep(self, chunk: bytes) -> None:
         if self.received is not None and len(self.received) < RECEIVED_LIMIT:
@@ -158,31 +175,38 @@ async def read_first_event(
 ) -> tuple[UpstreamStream | None, bytes, Classification]:
     """Read until the first event with content, or an error before it; judge it. An UpstreamStream comes back only
     when content came first: until then nothing need reach the client, so whatever goes wrong can still be retried.
-    Otherwise the response is closed here.
+    Otherwise the response is closed here. The bytes read come back too (what the attempt flow shows).
 
     The upstream may take `silence` seconds for its first event, and as long again after each event without content
     (Anthropic's message_start and pings: it is alive, reading a long prompt), but never past `deadline_at`
     (time.monotonic()). An OpenAI stream has no such events: `silence` bounds the wait for its first event."""
-    watcher = SseWatcher(api)
+    framer = SseFramer()
+    events: list[tuple[SseEvent, EventFacts]] = []
     prefetched = b""
+    reply = Reply()
     window_start = time.monotonic()
     window = min(silence, deadline_at - window_start)
+    error_first = None
     try:
-        while not (watcher.content_started or watcher.error_first):
+        while not (reply.has_content or reply.ended or error_first):
             async with asyncio.timeout(max(0.0, window_start + window - time.monotonic())):
                 chunk = await response.content.readany()
             if not chunk:
                 break
-            signs_of_life = watcher.data_lines
-            watcher.feed(chunk)
             prefetched += chunk
-            if watcher.data_lines > signs_of_life:
+            new = [(event, read(api, event)) for event in framer.feed(chunk)]
+            for event, facts in new:
+                if facts.error and not reply.has_content:
+                    error_first = error_first or event.data
+                reply.add(facts)
+            events += new
+            if any(event.data is not None for event, _ in new):  # signs of life
                 window_start = time.monotonic()
                 window = min(silence, deadline_at - window_start)
     except TimeoutError:
         window = max(0.0, window)
         detail = (
-            f"no first event from upstream within {window:g} s" if watcher.data_lines == 0
+            f"no first event from upstream within {window:g} s" if not events
             else f"upstream went silent for {window:g} s before any content"
         )
         classification = Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
@@ -192,13 +216,14 @@ async def read_first_event(
         response.close()
         raise
     else:
-        if watcher.error_first is not None:
-            detail = f"upstream stream began with an error: {watcher.error_first.decode('utf-8', 'replace')[:300]}"
+        if error_first is not None:
+            detail = f"upstream stream began with an error: {error_first.decode('utf-8', 'replace')[:300]}"
             classification = Classification(Verdict.RETRY, detail, Failure.BROKEN)
-        elif not watcher.content_started:
+        elif not (reply.has_content or reply.ended):
             classification = Classification(Verdict.RETRY, "upstream ended the stream before its first event", Failure.BROKEN)
         else:
-            return UpstreamStream(response, watcher, prefetched), prefetched, Classification(Verdict.SUCCESS)
+            stream = UpstreamStream(response, api, framer, events)
+            return stream, prefetched, Classification(Verdict.SUCCESS)
     response.close()
     return None, prefetched, classification
 
@@ -211,8 +236,8 @@ class IdleWatchdog:
     waiting for the upstream counts: while the client is slow to take a chunk, the upstream is not idle.
     """
 
-    def __init__(self, live: UpstreamStream, idle_timeout: float) -> None:
-        self._live = live
+    def __init__(self, stream: UpstreamStream, idle_timeout: float) -> None:
+        self._stream = stream
         self._timeout = idle_timeout
         self._loop = asyncio.get_running_loop()
         self._reading_since: float | None = None
@@ -229,7 +254,7 @@ class IdleWatchdog:
         waited = 0.0 if self._reading_since is None else self._loop.time() - self._reading_since
         if waited >= self._timeout:
             self.fired = True
-            self._live.close()  # the pending read fails at once
+            self._stream.close()  # the pending read fails at once
         else:
             self._timer = self._loop.call_later(self._timeout - waited, self._check)
 
@@ -237,65 +262,65 @@ class IdleWatchdog:
         self._timer.cancel()
 
 
-async def pipe(
-    live: UpstreamStream,
-    idle_timeout: float,
-    on_problem: Callable[[ProxyError], None],
-    stop: asyncio.Future | None = None,
-) -> AsyncIterator[bytes]:
-    problem = None
-    watchdog = IdleWatchdog(live, idle_timeout)
-    content = live.response.content
-    stopped_by: ProxyError | None = None
+class Pipe:
+    """An upstream stream's events, one by one with what each says, until the stream ends: by itself (its end, or
+    EOF), by a drop, by a silence of idle_timeout, or because `stop` resolved (to the error to end it with). After the
+    iteration, `problem` says why it ended early; None when it ended by itself (complete or not: see the reply)."""
 
-    def stop_now(future: asyncio.Future) -> None:
-        nonlocal stopped_by
-        stopped_by = future.result()
-        live.close()  # the pending read fails at once
+    def __init__(self, stream: UpstreamStream, idle_timeout: float, stop: asyncio.Future | None = None) -> None:
+        self.stream = stream
+        self.idle_timeout = idle_timeout
+        self.stop = stop
+        self.problem: ProxyError | None = None
 
-    if stop is not None:
-        stop.add_done_callback(stop_now)
-    try:
-        if live.prefetched:
-            yield live.prefetched
-        while True:
-            try:
-                watchdog.reading()
-                chunk = await content.readany()
-                watchdog.got_data()
-            except (aiohttp.ClientError, OSError):
-                if not watchdog.fired and stopped_by is None:
-                    problem = ProxyError(
-                        502, "Upstream connection dropped in the middle of the stream; the reply is incomplete.",
-                        "stream_interrupted",
-                    )
-                    last_words = _received_before_the_drop(content)
-                    if last_words:
-                        live.watcher.feed(last_words)
-                        live.keep(last_words)
-                        yield last_words
-                break
-            if not chunk:
-                break
-            live.watcher.feed(chunk)
-            live.keep(chunk)
-            yield chunk
-        if watchdog.fired:
-            problem = ProxyError(
-                504, f"Upstream sent nothing for {idle_timeout:g} s in the middle of the stream; the reply is incomplete.",
-                "stream_idle_timeout",
-            )
-        if stopped_by is not None:
-            problem = stopped_by
-        tail, problem = live.watcher.ending(problem)
-        if problem is not None:
-            on_problem(problem)
-        if tail:
-            yield tail
-    finally:
-        watchdog.stop()
-        if stop is not None:
-            stop.remove_done_callback(stop_now)
+    async def __aiter__(self) -> AsyncIterator[tuple[SseEvent, EventFacts]]:
+        stream, api = self.stream, self.stream.api
+        watchdog = IdleWatchdog(stream, self.idle_timeout)
+        content = stream.response.content
+        stopped_by: ProxyError | None = None
+
+        def stop_now(future: asyncio.Future) -> None:
+            nonlocal stopped_by
+            stopped_by = future.result()
+            stream.close()  # the pending read fails at once
+
+        if self.stop is not None:
+            self.stop.add_done_callback(stop_now)
+        try:
+            for event, facts in stream.first_events:
+                stream.reply.add(facts)
+                yield event, facts
+            while True:
+                try:
+                    watchdog.reading()
+                    chunk = await content.readany()
+                    watchdog.got_data()
+                except (aiohttp.ClientError, OSError):
+                    if not watchdog.fired and stopped_by is None:
+                        self.problem = stream_interrupted()
+                        last_words = _received_before_the_drop(content)
+                        stream.keep(last_words)
+                        for event in stream.framer.feed(last_words):
+                            yield event, self._followed(event)
+                    break
+                if not chunk:
+                    break
+                stream.keep(chunk)
+                for event in stream.framer.feed(chunk):
+                    yield event, self._followed(event)
+            if watchdog.fired:
+                self.problem = stream_idle(self.idle_timeout)
+            if stopped_by is not None:
+                self.problem = stopped_by
+        finally:
+            watchdog.stop()
+            if self.stop is not None:
+                self.stop.remove_done_callback(stop_now)
+
+    def _followed(self, event: SseEvent) -> EventFacts:
+        facts = read(self.stream.api, event)
+        self.stream.reply.add(facts)
+        return facts
 
 
 def _received_before_the_drop(content: aiohttp.StreamReader) -> bytes:

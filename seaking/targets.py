@@ -71,6 +71,7 @@ class Target:
     weight: float
     breaker: CircuitBreaker
     proxy: OutboundProxy | None = None  # the outbound proxy its requests go through
+    prefill: str = "auto"  # how it continues a reply that broke off: auto, assistant, prefix, none (resume.py)
     # What the status shows: results of live requests and health probes alike.
     requests: int = 0
     failures: int = 0
@@ -126,8 +127,8 @@ class TargetPool:
         self.rng = rng or random.Random()
         self._next_start = 0
 
-    def plan(self) -> TargetPlan:
-        """The order in which one request tries the targets."""
+    def plan(self, eligible: Callable[[Target], bool] | None = None) -> TargetPlan:
+        """The order in which one request tries the targets (those `eligible` for it, if not all are)."""
         order = list(self.targets)
         if self.strategy == "round_robin":
             start = self._next_start % len(order)
@@ -136,7 +137,7 @@ class TargetPool:
         elif self.strategy == "weighted":
             # Weighted random order without replacement (Efraimidis-Spirakis): heavier targets tend to come first.
             order.sort(key=lambda t: self.rng.random() ** (1 / t.weight) if t.weight > 0 else -1.0, reverse=True)
-        return TargetPlan(order)
+        return TargetPlan([t for t in order if eligible is None or eligible(t)])
 
 
 @dataclass

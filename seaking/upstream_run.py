@@ -71,17 +71,29 @@ class UpstreamRun:
         request: UpstreamRequest,
         on_attempt: Callable[[Attempt, UpstreamStream | None], None] = lambda attempt, stream: None,
         on_retry: Callable[[Attempt, int, float], None] = lambda last, number, wait: None,
+        refused: Callable[[Target, str | None], bool] = lambda target, model: False,
     ) -> None:
         self.pools, self.policy, self.failover, self.request = pools, policy, failover, request
         self.on_attempt, self.on_retry = on_attempt, on_retry
+        self.refused = refused  # the target refused this kind of request for that model before (a prefill)
         self.attempts: list[Attempt] = []
         self._stream: UpstreamStream | None = None  # the open stream of the last attempt, while the run owns it
+
+    def can_start(self) -> bool:
+        """Whether any target can take the request, with any of its models."""
+        return any(self._targets_for(model) for model in self.failover.models_for(self.request.model))
+
+    def _can_try(self, target: Target, model: str | None) -> bool:
+        return self.request.can_go_to(target) and not self.refused(target, model)
+
+    def _targets_for(self, model: str | None) -> list[Target]:
+        return [t for t in self.failover.targets if self._can_try(t, model)]
 
     async def result(self) -> UpstreamResult:
         deadline_at = time.monotonic() + self.policy.deadline
         if self.failover.budget is not None:
             self.failover.budget.record_request()
-        models = self.failover.models_for(self.request.model)
+        models = [m for m in self.failover.models_for(self.request.model) if self._targets_for(m)]
         try:
             for index, model in enumerate(models):
                 another_model = index + 1 < len(models)
@@ -103,7 +115,7 @@ class UpstreamRun:
 
     async def _try_model(self, model: str | None, another_model: bool, deadline_at: float) -> Outcome[Attempt]:
         """One model's attempts, round the targets, within what is left of the request's deadline."""
-        plan = self.failover.pool.plan()
+        plan = self.failover.pool.plan(lambda target: self._can_try(target, model))
 
         async def attempt(attempt_deadline: float) -> Attempt:
             target = plan.next_target()

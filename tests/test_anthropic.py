@@ -345,7 +345,12 @@ async def test_pings_before_content_keep_a_slow_prompt_alive_silence_is_retried(
     assert proxy.flows[-1].metadata["seaking"]["attempts"][0]["detail"] == "upstream went silent for 0.5 s before any content"
 
 
-async def test_a_mid_stream_drop_ends_with_one_error_event(proxy, upstream, client):
+# With resume off: how every break ends when the reply cannot be continued (tests/test_resume.py continues them).
+NO_RESUME = {"streaming": {"resume": False}}
+
+
+async def test_a_mid_stream_drop_ends_with_one_error_event(proxy_factory, upstream, client):
+    proxy = await proxy_factory(NO_RESUME)
     upstream.script("messages", MessageStream(chunks=["a", "b", "c", "d"], drop_after=2))
     read = await read_events(client, proxy)
     assert read.text == "ab"
@@ -355,14 +360,15 @@ async def test_a_mid_stream_drop_ends_with_one_error_event(proxy, upstream, clie
 
 
 async def test_a_silence_past_idle_timeout_ends_with_one_timeout_error(proxy_factory, upstream, client):
-    proxy = await proxy_factory({"streaming": {"idle_timeout": 0.4}})
+    proxy = await proxy_factory({"streaming": {"idle_timeout": 0.4, "resume": False}})
     upstream.script("messages", MessageStream(chunks=["a", "b", "c"], stall_after=1))
     read = await read_events(client, proxy)
     assert read.text == "a"
     assert_ended_with_one_error(read, "timeout_error", "stream_idle_timeout")
 
 
-async def test_an_end_without_message_stop_ends_with_one_error_event(proxy, upstream, client):
+async def test_an_end_without_message_stop_ends_with_one_error_event(proxy_factory, upstream, client):
+    proxy = await proxy_factory(NO_RESUME)
     upstream.script("messages", MessageStream(chunks=["a", "b"], no_stop=True))
     read = await read_events(client, proxy)
     assert read.text == "ab" and "message_delta" in read.names
@@ -370,7 +376,8 @@ async def test_an_end_without_message_stop_ends_with_one_error_event(proxy, upst
     assert "no message_stop" in error["message"]
 
 
-async def test_an_upstream_error_event_mid_stream_is_passed_on_never_doubled(proxy, upstream, client):
+async def test_an_upstream_error_event_mid_stream_is_passed_on_never_doubled(proxy_factory, upstream, client):
+    proxy = await proxy_factory(NO_RESUME)
     upstream.script("messages", MessageStream(chunks=["a", "b", "c"], error_after=2))
     read = await read_events(client, proxy)
     assert (read.status, read.ended_cleanly, read.text) == (200, True, "ab")

@@ -101,7 +101,8 @@ async def test_a_stream_arrives_event_by_event_after_two_529s(proxy, upstream, s
     assert len(upstream.received_at("messages")) == 3
 
 
-async def test_a_stream_dropped_mid_way_raises_api_status_error_with_the_proxys_message(proxy, upstream, sdk_python):
+async def test_a_stream_dropped_mid_way_raises_api_status_error_with_the_proxys_message(proxy_factory, upstream, sdk_python):
+    proxy = await proxy_factory({"streaming": {"resume": False}})  # the ending of a reply that cannot be continued
     upstream.script("messages", MessageStream(chunks=["Half", " a", " reply", " lost"], drop_after=2))
     result = await sdk_message(sdk_python, proxy, stream=True)
     error = result["error"]

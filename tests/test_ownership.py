@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from seaking.lab.fault_upstream import Delayed, Stream
-from seaking.streaming import SseWatcher
+from seaking.streaming import ClientStream
 from test_streaming import STREAM_CHAT, read_stream
 
 # A per-try timeout far longer than the waits below: an upstream request the proxy forgot would still be open.
@@ -79,14 +79,14 @@ async def test_a_bug_in_the_stream_path_ends_the_stream_and_its_upstream_request
     proxy_factory, upstream, client, monkeypatch, caplog
 ):
     proxy = await proxy_factory(FAST_STREAMS)
-    follow = SseWatcher.feed
+    send = ClientStream.sent
 
-    def broken_once_streaming(self, chunk):
-        if self.content_started:
+    def broken_after_a_few_events(self, raw, facts):
+        if self.reply.deltas >= 3:
             raise RuntimeError("a bug mid-stream")
-        follow(self, chunk)
+        return send(self, raw, facts)
 
-    monkeypatch.setattr(SseWatcher, "feed", broken_once_streaming)
+    monkeypatch.setattr(ClientStream, "sent", broken_after_a_few_events)
     upstream.script("chat/completions", Stream(chunks=[f"w{i} " for i in range(40)], delay=0.05))
     read = await read_stream(client, proxy)
     assert read.ended_cleanly and read.errors[0]["code"] == "proxy_internal_error" and read.data[-1] == b"[DONE]"

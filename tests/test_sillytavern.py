@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from conftest import running_proxies
-from seaking.lab.fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, MessageStream, Status, Stream
+from seaking.lab.fault_upstream import MODEL_IDS, REPLY_TEXT, FaultyUpstream, MessageStream, Status, Stream, split_words
 from seaking.lab.harness import running_upstreams
 from sillytavern import VERSION, SillyTavern, SillyTavernUnavailable, ensure_installed
 
@@ -175,6 +175,23 @@ async def test_mid_stream_drop_ends_sillytaverns_reply_with_the_proxys_error(sil
     assert authorizations(upstream, "chat/completions") == {f"Bearer {ST_KEY}"}
 
 
+LONG_REPLY = "Once upon a time a fox lived at the edge of a wood, and every morning it ran to the river and back."
+
+
+async def test_a_dropped_reply_is_continued_and_sillytavern_shows_it_whole(sillytavern, upstream, proxy_factory):
+    """The Custom source with an upstream that takes an assistant prefill (OpenRouter, local servers)."""
+    proxy = await proxy_factory({"target_proxy": {"prefill": "assistant"}})
+    words = split_words(LONG_REPLY)
+    upstream.script("chat/completions", Stream(chunks=words, drop_after=7), Stream(chunks=words))
+    status, _, body = await sillytavern.generate(custom_url(proxy), stream=True, timeout=GENERATE_TIMEOUT)
+    assert status == 200, (body, sillytavern.log_tail())
+    events = sse_events(body)
+    assert streamed_text(events) == LONG_REPLY
+    assert not any(isinstance(e, dict) and "error" in e for e in events) and events[-1] == "[DONE]"
+    continuation = upstream.received_at("chat/completions")[1].json()["messages"][-1]
+    assert continuation == {"role": "assistant", "content": "".join(words[:7])}
+
+
 INVALID_KEY = {
     "error": {
         "message": "Incorrect API key provided: sk-st-e2e***3456. You can find your API key at "
@@ -290,7 +307,7 @@ async def test_claude_reply_arrives_after_two_529s(sillytavern, upstream, proxy_
 
 
 async def test_claude_mid_stream_drop_ends_the_reply_with_the_proxys_error(sillytavern, upstream, proxy_factory):
-    proxy = await proxy_factory(CLAUDE_PROXY)
+    proxy = await proxy_factory({**CLAUDE_PROXY, "streaming": {"resume": False}})  # a reply that cannot be continued
     upstream.script("messages", MessageStream(drop_after=2))
 
     started = time.monotonic()
@@ -306,6 +323,17 @@ async def test_claude_mid_stream_drop_ends_the_reply_with_the_proxys_error(silly
     assert "dropped in the middle of the stream" in errors[0]["message"]
     assert b"event: error\n" in body and b"[DONE]" not in body
     assert_claude_requests(upstream, 1)
+
+
+async def test_a_dropped_claude_reply_is_continued_and_sillytavern_shows_it_whole(sillytavern, upstream, proxy_factory):
+    proxy = await proxy_factory(CLAUDE_PROXY)
+    words = split_words(LONG_REPLY)
+    upstream.script("messages", MessageStream(chunks=words, drop_after=6), MessageStream(chunks=words))
+    status, _, body = await sillytavern.generate_claude(proxy.url, PROXY_PASSWORD, stream=True, timeout=GENERATE_TIMEOUT)
+    assert status == 200, (body, sillytavern.log_tail())
+    events = sse_events(body)
+    assert claude_text(events) == LONG_REPLY and not [e for e in events if "error" in e]
+    assert_claude_requests(upstream, 2)
 
 
 async def test_claude_wrong_proxy_password_is_shown_when_streaming(sillytavern, upstream, proxy_factory):

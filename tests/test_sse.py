@@ -10,70 +10,83 @@ from mitmproxy.http import Headers
 
 from seaking.dialects import ANTHROPIC, DONE, OPENAI, dialect_for
 from seaking.errors import ProxyError
-from seaking.streaming import SseWatcher, is_event_stream
+from seaking.sse import SseFramer
+from seaking.streaming import ClientStream, Reply, is_event_stream, read
 
 DROPPED = ProxyError(502, "dropped", "stream_interrupted")
 
 
-def watch(*chunks: bytes, api=OPENAI) -> SseWatcher:
-    watcher = SseWatcher(api)
+def follow(*chunks: bytes, api=OPENAI) -> tuple[Reply, SseFramer]:
+    """What a stream's events said, fed in these chunks."""
+    framer, reply = SseFramer(), Reply()
     for chunk in chunks:
-        watcher.feed(chunk)
-    return watcher
+        for event in framer.feed(chunk):
+            reply.add(read(api, event))
+    return reply, framer
 
 
-def test_events_are_followed_across_chunk_boundaries():
-    watcher = watch(b": comment\n\n", b'data: {"fin', b'ish_reason": "stop"}\r', b"\n")
-    assert watcher.content_started and watcher.saw_finish
-    assert watcher.to_boundary() == b"\n"  # the event's blank line is still to come
-    watcher.feed(b"\r\n")
-    assert watcher.to_boundary() == b""
+def sent(*chunks: bytes, api=OPENAI) -> ClientStream:
+    """A client stream that was sent these events."""
+    client = ClientStream(api)
+    for chunk in chunks:
+        for event in SseFramer().feed(chunk):
+            client.sent(event.raw, read(api, event))
+    return client
+
+
+def test_events_are_framed_across_chunk_boundaries():
+    framer = SseFramer()
+    assert [e.raw for e in framer.feed(b": comment\n\n")] == [b": comment\n\n"]
+    assert framer.feed(b'data: {"fin') == [] and framer.feed(b'ish_reason": "stop"}\r') == []
+    assert framer.feed(b"\n") == []  # the event's blank line is still to come
+    [event] = framer.feed(b"\r\n")
+    assert event.raw == b'data: {"finish_reason": "stop"}\r\n\r\n' and framer.partial == b""
+    assert read(OPENAI, event).finish
 
 
 @pytest.mark.parametrize(
-    ("chunks", "done", "finish", "error"),
+    ("chunks", "ended", "finished", "errors"),
     [
-        ([b"data: [DONE]\n\n"], True, False, False),
-        ([b'data: {"choices": [{"finish_reason": "stop"}]}\n\n'], False, True, False),
-        ([b'data: {"choices": [{"finish_reason": null}]}\n\n'], False, False, False),
-        ([b'event: message_stop\ndata: {"type": "message_stop"}\n\n'], False, False, False),  # not OpenAI's
-        ([b'data: {"error": {"message": "x"}}\n\n'], False, False, True),
-        ([b'data: {"type": "error", "error": {"type": "overloaded_error"}}\n\n'], False, False, True),
-        ([b'data: {"content": "the word \\"error\\" in text"}\n\n'], False, False, False),
-        ([b'data: {"fin', b'ish_reason": "length"}\n\n'], False, True, False),
+        ([b"data: [DONE]\n\n"], True, False, 0),
+        ([b'data: {"choices": [{"finish_reason": "stop"}]}\n\n'], False, True, 0),
+        ([b'data: {"choices": [{"finish_reason": null}]}\n\n'], False, False, 0),
+        ([b'event: message_stop\ndata: {"type": "message_stop"}\n\n'], False, False, 0),  # not OpenAI's
+        ([b'data: {"error": {"message": "x"}}\n\n'], False, False, 1),
+        ([b'data: {"type": "error", "error": {"type": "overloaded_error"}}\n\n'], False, False, 1),
+        ([b'data: {"content": "the word \\"error\\" in text"}\n\n'], False, False, 0),
+        ([b'data: {"fin', b'ish_reason": "length"}\n\n'], False, True, 0),
     ],
 )
-def test_what_the_watcher_sees(chunks, done, finish, error):
-    watcher = watch(*chunks)
-    assert (watcher.saw_done, watcher.saw_finish, watcher.saw_error) == (done, finish, error)
+def test_what_the_events_say(chunks, ended, finished, errors):
+    reply, _ = follow(*chunks)
+    assert (reply.ended, reply.finished, reply.errors) == (ended, finished, errors)
 
 
 def test_a_complete_stream_needs_no_ending():
-    assert watch(b"data: 1\n\ndata: [DONE]\n\n").ending(None) == (b"", None)
-    assert watch(b"data: 1\n\ndata: [DONE]\n\n").ending(DROPPED) == (b"", None)
+    assert sent(b"data: 1\n\ndata: [DONE]\n\n").ending(None) == (b"", None)
+    assert sent(b"data: 1\n\ndata: [DONE]\n\n").ending(DROPPED) == (b"", None)
 
 
 def test_a_finished_stream_without_done_gets_done():
-    watcher = watch(b'data: {"finish_reason": "stop"}\n\n')
-    assert watcher.ending(None) == (DONE, None)
+    assert sent(b'data: {"finish_reason": "stop"}\n\n').ending(None) == (DONE, None)
 
 
 def test_an_unfinished_stream_gets_one_error_event_then_done():
-    tail, problem = watch(b"data: 1\n\n").ending(None)
+    tail, problem = sent(b"data: 1\n\n").ending(None)
     assert problem.code == "stream_incomplete"
     assert tail == OPENAI.error_event(problem) + DONE
 
 
-def test_a_drop_gets_its_own_error_event_on_a_fresh_line():
-    tail, problem = watch(b"data: 1\n\ndata: {\"cho").ending(DROPPED)
-    assert problem is DROPPED
-    assert tail == b"\n\n" + OPENAI.error_event(DROPPED) + DONE
-    tail, _ = watch(b"data: 1\n").ending(DROPPED)
-    assert tail.startswith(b"\ndata: {\"error\"")
+def test_a_drop_mid_event_sends_no_half_event():
+    """Only whole events are ever sent: the error event after a drop is read as one of its own."""
+    reply, framer = follow(b"data: 1\n\ndata: {\"cho")
+    assert framer.partial == b'data: {"cho' and reply.deltas == 1
+    tail, problem = sent(b"data: 1\n\n").ending(DROPPED)
+    assert problem is DROPPED and tail == OPENAI.error_event(DROPPED) + DONE
 
 
 def test_an_upstream_error_event_is_not_doubled():
-    tail, problem = watch(b'data: {"error": {"message": "upstream said"}}\n\n').ending(DROPPED)
+    tail, problem = sent(b'data: {"error": {"message": "upstream said"}}\n\n').ending(DROPPED)
     assert tail == DONE and problem is DROPPED
 
 
@@ -137,19 +150,23 @@ OVERLOADED = anthropic_event("error", {"type": "error", "error": {"type": "overl
     ],
 )
 def test_what_counts_as_content_in_an_anthropic_stream(chunks, content, error_first):
-    watcher = watch(*chunks, api=ANTHROPIC)
-    assert (watcher.content_started, watcher.error_first is not None) == (content, error_first)
+    reply, framer = follow(*chunks, api=ANTHROPIC)
+    events = [read(ANTHROPIC, e) for chunk in chunks for e in SseFramer().feed(chunk)]
+    first_error = next((i for i, f in enumerate(events) if f.error), None)
+    first_content = next((i for i, f in enumerate(events) if f.content or f.end), None)
+    assert (first_content is not None, first_error is not None and (first_content is None or first_error < first_content)) == (
+        content, error_first
+    )
 
 
 def test_an_anthropic_stream_ends_with_message_stop_and_nothing_after_it():
-    assert watch(MESSAGE_START, DELTA, STOP, api=ANTHROPIC).ending(None) == (b"", None)
-    assert watch(MESSAGE_START, DELTA, STOP, api=ANTHROPIC).ending(DROPPED) == (b"", None)
-    tail, problem = watch(MESSAGE_START, DELTA, api=ANTHROPIC).ending(None)
+    assert sent(MESSAGE_START, DELTA, STOP, api=ANTHROPIC).ending(None) == (b"", None)
+    assert sent(MESSAGE_START, DELTA, STOP, api=ANTHROPIC).ending(DROPPED) == (b"", None)
+    tail, problem = sent(MESSAGE_START, DELTA, api=ANTHROPIC).ending(None)
     assert problem.code == "stream_incomplete" and "no message_stop" in problem.message
     assert tail == ANTHROPIC.error_event(problem)
-    tail, _ = watch(MESSAGE_START, DELTA[:-1], api=ANTHROPIC).ending(DROPPED)
-    assert tail == b"\n" + ANTHROPIC.error_event(DROPPED)
-    assert watch(MESSAGE_START, DELTA, OVERLOADED, api=ANTHROPIC).ending(DROPPED) == (b"", DROPPED)  # never doubled
+    assert sent(MESSAGE_START, DELTA, api=ANTHROPIC).ending(DROPPED) == (ANTHROPIC.error_event(DROPPED), DROPPED)
+    assert sent(MESSAGE_START, DELTA, OVERLOADED, api=ANTHROPIC).ending(DROPPED) == (b"", DROPPED)  # never doubled
 
 
 def test_anthropics_error_event_and_document():
@@ -212,3 +229,5 @@ def test_the_dialect_of_a_request():
     assert dialect_for(None, Headers(**{"anthropic-version": "2023-06-01"})) is ANTHROPIC
     assert dialect_for("models", Headers()) is OPENAI
     assert dialect_for("chat/completions", Headers(authorization="Bearer x")) is OPENAI
+    # The endpoint decides where it is one API's: an OpenAI stream never gets Anthropic's `event: error`.
+    assert dialect_for("chat/completions", Headers(**{"anthropic-version": "2023-06-01"})) is OPENAI

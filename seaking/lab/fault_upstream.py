@@ -7,6 +7,10 @@ Each endpoint answers from a script of faults, one per request, then falls back 
     upstream.always("models", Reset())                               # /models never answers
     upstream.script("messages", Status(529), MessageStream(drop_after=2))   # Anthropic: overloaded, then a broken stream
 
+Continuing: a stream's reply is its chunks; a request whose last message is the assistant's and ends with a start of
+that reply (a continuation: seaking-proxy's resume) gets the rest of it, split at words, as a stream of its own. Every
+streaming fault applies to the continuation's chunks as well; `restate=N` begins it with the last N words of the start.
+
 Anthropic mode: on a Messages path (`/messages`, `/messages/count_tokens`) the good answers, the default error bodies
 (`Status`, `ErrorBody`) and streams (`MessageStream`) have Anthropic's shapes; so has `/models` when the request
 carries `anthropic-version`.
@@ -20,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,11 +72,11 @@ class Good:
             return web.json_response({"input_tokens": len(received.body) // 4})
         if path.endswith("/messages"):
             if document.get("stream"):
-                return await MessageStream(chunks=_split(self.text))(request, received)
+                return await MessageStream(chunks=split_words(self.text))(request, received)
             return web.json_response(message(self.text, model))
         if path.endswith("/completions"):
             if document.get("stream"):
-                return await Stream(chunks=_split(self.text))(request, received)
+                return await Stream(chunks=split_words(self.text))(request, received)
             return web.json_response(completion(self.text, model))
         return web.json_response({"path": received.path, "method": received.method})
 
@@ -144,13 +149,16 @@ class ErrorBody:
 class Stream:
     """An SSE chat completion: chunks with a delay between them, with optional faults."""
 
-    chunks: list[str] = field(default_factory=lambda: _split(REPLY_TEXT))
+    chunks: list[str] = field(default_factory=lambda: split_words(REPLY_TEXT))
     delay: float = 0.0
     drop_after: int | None = None  # close the connection after this many chunks
     stall_after: int | None = None  # go silent (forever) after this many chunks
     no_done: bool = False  # end without "data: [DONE]"
     finish_reason: str | None = "stop"  # None: the last chunk carries no finish_reason
     error_first: str | None = None  # the first event is this error message, then the stream ends
+    restate: int = 0  # a continuation begins with the last words of its start
+    tool_call: bool = False  # the chunks are a tool call's arguments, not text
+    usage: bool = False  # a last chunk with usage (as with stream_options.include_usage)
 
     async def __call__(self, request, received) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
@@ -160,7 +168,8 @@ class Stream:
             await response.write_eof()
             return response
         model = _json_or_empty(received.body).get("model", "model-a")
-        for index, text in enumerate(self.chunks):
+        chunks = continued(self.chunks, received, self.restate)
+        for index, text in enumerate(chunks):
             if index == self.drop_after:
                 request.transport.close()
                 raise asyncio.CancelledError
@@ -168,9 +177,12 @@ class Stream:
                 await asyncio.sleep(3600)
             if index and self.delay:
                 await asyncio.sleep(self.delay)
-            await response.write(sse(chunk(text, model, index)))
+            await response.write(sse(tool_call_chunk(text, model, index) if self.tool_call else chunk(text, model, index)))
         if self.finish_reason is not None:
-            await response.write(sse(chunk("", model, len(self.chunks), finish_reason=self.finish_reason)))
+            await response.write(sse(chunk("", model, len(chunks), finish_reason=self.finish_reason)))
+        if self.usage:
+            usage = {"prompt_tokens": 5, "completion_tokens": len(chunks), "total_tokens": 5 + len(chunks)}
+            await response.write(sse({**chunk("", model, 1), "choices": [], "usage": usage}))
         if not self.no_done:
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -182,7 +194,7 @@ class MessageStream:
     """An Anthropic Messages stream: named events in Anthropic's order (a ping after the first content_block_start, as
     its API sends), one text_delta per chunk, with optional faults."""
 
-    chunks: list[str] = field(default_factory=lambda: _split(REPLY_TEXT))
+    chunks: list[str] = field(default_factory=lambda: split_words(REPLY_TEXT))
     delay: float = 0.0
     drop_after: int | None = None  # close the connection after this many text deltas
     stall_after: int | None = None  # go silent (forever) after this many text deltas
@@ -191,6 +203,8 @@ class MessageStream:
     error_after: int | None = None  # after this many text deltas: an `event: error` (overloaded_error), then the end
     think: float = 0.0  # seconds between the preamble and the first text delta (a long prompt being read)
     ping_every: float | None = None  # while thinking, a ping this often (None: silence)
+    restate: int = 0  # a continuation begins with the last words of its start
+    tool_use: bool = False  # the chunks are a tool_use block's input JSON, not text
 
     async def __call__(self, request, received) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", "request-id": "req_test"})
@@ -202,7 +216,9 @@ class MessageStream:
             await response.write(named("error", anthropic_error(529, self.error_first)))
             await response.write_eof()
             return response
-        await response.write(named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
+        chunks = continued(self.chunks, received, self.restate)
+        block = {"type": "tool_use", "id": "toolu_test", "name": "lookup", "input": {}} if self.tool_use else {"type": "text", "text": ""}
+        await response.write(named("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}))
         await response.write(named("ping", {"type": "ping"}))
         thought = 0.0
         while thought < self.think:
@@ -211,7 +227,7 @@ class MessageStream:
             thought += step
             if self.ping_every:
                 await response.write(named("ping", {"type": "ping"}))
-        for index, text in enumerate(self.chunks):
+        for index, text in enumerate(chunks):
             if index == self.drop_after:
                 request.transport.close()
                 raise asyncio.CancelledError
@@ -223,15 +239,23 @@ class MessageStream:
                 return response
             if index and self.delay:
                 await asyncio.sleep(self.delay)
-            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-            await response.write(named("content_block_delta", delta))
+            piece = {"type": "input_json_delta", "partial_json": text} if self.tool_use else {"type": "text_delta", "text": text}
+            await response.write(named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": piece}))
         await response.write(named("content_block_stop", {"type": "content_block_stop", "index": 0}))
-        finish = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": len(self.chunks)}}
+        finish = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": len(chunks)}}
         await response.write(named("message_delta", finish))
         if not self.no_stop:
             await response.write(named("message_stop", {"type": "message_stop"}))
         await response.write_eof()
         return response
+
+
+@dataclass
+class PrefillRefused:
+    """The 400 of a model that takes no assistant prefill (Claude 4.6 and later), in the endpoint's shape."""
+
+    async def __call__(self, request, received) -> web.StreamResponse:
+        return await Status(400, body=_prefill_refusal(request.path))(request, received)
 
 
 @dataclass
@@ -286,6 +310,13 @@ def chunk(text: str, model: str, index: int, finish_reason: str | None = None) -
     }
 
 
+def tool_call_chunk(arguments: str, model: str, index: int) -> dict:
+    call = {"index": 0, "function": {"arguments": arguments}}
+    if index == 0:
+        call.update(id="call_test", type="function", function={"name": "lookup", "arguments": arguments})
+    return {**chunk("", model, index), "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}
+
+
 def sse(document: dict) -> bytes:
     return b"data: " + json.dumps(document).encode() + b"\n\n"
 
@@ -328,9 +359,43 @@ def named(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n"
 
 
-def _split(text: str) -> list[str]:
-    words = text.split(" ")
-    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+def split_words(text: str) -> list[str]:
+    """Word by word, each word with the whitespace before it: 'Hello from' -> ['Hello', ' from']."""
+    return re.findall(r"\s*\S+|\s+$", text)
+
+
+def continued(chunks: list[str], received: Received, restate: int = 0) -> list[str]:
+    """The chunks a request gets: all of them; or for a continuation — its last message the assistant's, ending with a
+    start of the reply — the rest of the reply after that start, its last `restate` words first."""
+    start = _assistant_start(received)
+    reply = "".join(chunks)
+    if start is None:
+        return chunks
+    for length in range(len(reply), 0, -1):
+        if start.endswith(reply[:length]):
+            restated = " ".join(reply[:length].split()[-restate:]) if restate else ""
+            return split_words(restated + reply[length:])
+    return chunks
+
+
+def _assistant_start(received: Received) -> str | None:
+    messages = _json_or_empty(received.body).get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else None
+
+
+def _prefill_refusal(path: str) -> dict:
+    message = "This model does not support assistant message prefill. The conversation must end with a user message."
+    if is_messages(path):
+        return anthropic_error(400, message)
+    return {"error": {"message": message, "type": "invalid_request_error", "code": "prefill_unsupported"}}
 
 
 def _json_or_empty(body: bytes) -> dict:
