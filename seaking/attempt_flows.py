@@ -127,8 +127,10 @@ def attempt_records(attempts: Sequence[Attempt], secrets: set[str]) -> list[Atte
             failure=a.classification.failure,
             detail=scrub(a.classification.detail, secrets),
             seconds=round(a.elapsed, 3),
-            # Seconds since the attempt before it ended (back-off, Retry-After); 0 for the first.
-            wait_before=0.0 if i == 0 else round(max(0.0, a.started_at - ends[i]), 3),
+            # Seconds since the attempt before it ended (back-off, Retry-After); 0 for the first, and for the first
+            # attempt of a continuation (it began when the stream before it broke, not after a wait).
+            wait_before=0.0 if i == 0 or a.continuation != attempts[i - 1].continuation
+            else round(max(0.0, a.started_at - ends[i]), 3),
             continuation=a.continuation,
         )
         for i, a in enumerate(attempts)

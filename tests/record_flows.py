@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # as pytest.ini's
 
-from seaking.lab.fault_upstream import Delayed, FaultyUpstream, Status, Stream  # noqa: E402
+from seaking.lab.fault_upstream import Delayed, FaultyUpstream, MessageStream, Status, Stream, split_words  # noqa: E402
 from seaking.lab.harness import Mitmdump  # noqa: E402
 from sillytavern import SillyTavern  # noqa: E402
 
@@ -63,6 +63,14 @@ async def models_outage_from_cache(st, upstream, custom_url):
     first = await st.list_models(custom_url)  # "Connect" while the upstream is up: the list is cached
     upstream.always("models", Status(503))
     return first, await st.list_models(custom_url)  # "Connect" again during the outage
+
+
+@scenario
+async def claude_drop_resumed(st, upstream, custom_url):
+    """The Claude source: the stream drops after five words, and the proxy continues the reply (a prefill)."""
+    words = split_words("Once upon a time a fox lived at the edge of a wood, and every morning it ran to the river.")
+    upstream.script("messages", MessageStream(chunks=words, delay=0.05, drop_after=5), MessageStream(chunks=words, delay=0.05))
+    return await st.generate_claude(custom_url, "recorded-session-proxy-password", stream=True)
 
 
 @scenario

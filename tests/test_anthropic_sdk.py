@@ -44,6 +44,8 @@ try:
             final = stream.get_final_message()
         result["text"] = "".join(block.text for block in final.content if block.type == "text")
         result["stop_reason"] = final.stop_reason
+        result["blocks"] = len(final.content)
+        result["output_tokens"] = final.usage.output_tokens
     else:
         message = client.messages.create(**arguments)
         result["text"] = message.content[0].text
@@ -115,6 +117,16 @@ async def test_a_stream_dropped_mid_way_raises_api_status_error_with_the_proxys_
     assert result["texts"] == ["Half", " a"]
     assert result["elapsed"] < SDK_TIMEOUT / 2
     assert len(upstream.received_at("messages")) == 1  # content was sent: a retry would repeat it
+
+
+async def test_a_dropped_stream_continued_by_the_proxy_accumulates_into_one_message(proxy, upstream, sdk_python):
+    words = ["Claude", " picks", " up", " where", " the", " stream", " broke", " off."]
+    upstream.script("messages", MessageStream(chunks=words, drop_after=3), MessageStream(chunks=words))
+    result = await sdk_message(sdk_python, proxy, stream=True)
+    assert result["error"] is None, result
+    assert (result["text"], result["stop_reason"], result["blocks"]) == ("".join(words), "end_turn", 1)
+    assert result["output_tokens"] == len(words)  # both parts
+    assert len(upstream.received_at("messages")) == 2
 
 
 async def test_exhausted_529s_raise_overloaded_error_once(proxy_factory, upstream, sdk_python):

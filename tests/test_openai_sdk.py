@@ -2,7 +2,8 @@
 
 The other tests read the proxy's bytes with aiohttp; these prove that the most common real client understands them:
 a stream retried after 503s arrives whole, a stream that breaks mid-way ends in an `openai.APIError` carrying the
-proxy's message after the text that did arrive (and without hanging), a non-streaming call survives a 503, a
+proxy's message after the text that did arrive (and without hanging) — or, continued by the proxy, accumulates into the
+whole reply in the SDK's own accumulator — a non-streaming call survives a 503, a
 fail-fast 401 is the SDK's `AuthenticationError`, and when the proxy gives up the SDK does not retry on top of it.
 
 The SDK runs in its own venv (sdk_venv.py), cached at $SEAKING_SDK_VENV (default ~/.cache/seaking-proxy/openai-sdk-venv).
@@ -34,15 +35,25 @@ client = openai.OpenAI(
 result = {"version": openai.__version__, "chunks": [], "text": None, "error": None}
 started = time.monotonic()
 try:
-    answer = client.chat.completions.create(
-        model="model-a", messages=[{"role": "user", "content": "Hi"}], stream=request["stream"]
-    )
-    if request["stream"]:
+    if request.get("accumulate"):  # the SDK's own accumulator: one final completion from the stream's chunks
+        with client.chat.completions.stream(model="model-a", messages=[{"role": "user", "content": "Hi"}]) as stream:
+            for event in stream:
+                if event.type == "content.delta":
+                    result["chunks"].append(event.delta)
+            final = stream.get_final_completion()
+        result["text"] = final.choices[0].message.content
+        result["finish_reason"] = final.choices[0].finish_reason
+        result["id"] = final.id
+    elif request["stream"]:
+        answer = client.chat.completions.create(
+            model="model-a", messages=[{"role": "user", "content": "Hi"}], stream=True
+        )
         for event in answer:
             if event.choices and event.choices[0].delta.content:
                 result["chunks"].append(event.choices[0].delta.content)
         result["text"] = "".join(result["chunks"])
     else:
+        answer = client.chat.completions.create(model="model-a", messages=[{"role": "user", "content": "Hi"}])
         result["text"] = answer.choices[0].message.content
 except Exception as exc:
     result["error"] = {
@@ -65,9 +76,10 @@ async def sdk_python() -> Path:
         pytest.skip(f"openai SDK not installable: {exc}")
 
 
-async def sdk_chat(python: Path, base_url: str, stream: bool, max_retries: int = 0) -> dict:
+async def sdk_chat(python: Path, base_url: str, stream: bool, max_retries: int = 0, accumulate: bool = False) -> dict:
     """One chat completion through the SDK in its venv: what it yielded or returned, and what it raised."""
-    request = {"base_url": base_url, "stream": stream, "timeout": SDK_TIMEOUT, "max_retries": max_retries}
+    request = {"base_url": base_url, "stream": stream, "timeout": SDK_TIMEOUT, "max_retries": max_retries,
+               "accumulate": accumulate}
     result = await run_sdk_script(python, SDK_SCRIPT, request, env_prefix="OPENAI_")
     print(f"openai {result['version']}")
     return result
@@ -97,6 +109,17 @@ async def test_a_stream_dropped_mid_way_raises_api_error_after_the_text_that_arr
     # Well below the SDK's own timeout: the error event ended the stream, not a read timeout.
     assert result["elapsed"] < SDK_TIMEOUT / 2
     assert len(upstream.received_at("chat/completions")) == 1  # text was sent: a retry would repeat it
+
+
+async def test_a_dropped_stream_continued_by_the_proxy_accumulates_into_the_whole_reply(proxy_factory, upstream, sdk_python):
+    proxy = await proxy_factory({"target_proxy": {"prefill": "assistant"}})
+    words = ["A", " reply", " that", " heals", " where", " it", " broke", " off."]
+    upstream.script("chat/completions", Stream(chunks=words, drop_after=3), Stream(chunks=words))
+    result = await sdk_chat(sdk_python, proxy.url + "/v1", stream=True, accumulate=True)
+    assert result["error"] is None, result
+    assert result["text"] == "".join(words) and "".join(result["chunks"]) == "".join(words)
+    assert result["finish_reason"] == "stop" and result["id"] == "chatcmpl-test"
+    assert len(upstream.received_at("chat/completions")) == 2
 
 
 async def test_a_non_streaming_call_succeeds_after_a_503(proxy, upstream, sdk_python):

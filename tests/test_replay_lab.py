@@ -51,7 +51,7 @@ def flows_of(path: Path) -> list:
 def test_the_recorded_sessions_cover_what_users_hit():
     names = {p.stem for p in RECORDINGS}
     assert {"retry-503-twice", "retry-503-twice-stream", "mid-stream-drop", "unauthorized-401",
-            "models-outage-from-cache", "slow-upstream-heartbeats"} <= names
+            "models-outage-from-cache", "slow-upstream-heartbeats", "claude-drop-resumed"} <= names
 
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
@@ -62,7 +62,9 @@ def test_a_recording_is_a_sillytavern_session_with_its_attempts_and_no_key(recor
     assert clients and all(f.request.headers["user-agent"] == "node-fetch" for f in clients)  # SillyTavern's server
     assert len(attempts) == sum(len(f.metadata["seaking"]["attempts"]) for f in clients)
     assert b"sk-st-recorded-session-key" not in recording.read_bytes()
-    assert all(f.request.headers["authorization"] == "Bearer [redacted]" for f in flows)
+    # Every credential a placeholder: the Custom source's Bearer key, the Claude source's proxy password.
+    assert all(f.request.headers.get("authorization", "Bearer [redacted]") == "Bearer [redacted]" for f in flows)
+    assert all(f.request.headers.get("x-api-key", "[redacted]") == "[redacted]" for f in flows)
 
 
 @pytest.mark.parametrize("recording", RECORDINGS, ids=[p.stem for p in RECORDINGS])
@@ -81,6 +83,8 @@ async def test_what_the_lab_compares():
     assert "replayed: 200 → 200 (heartbeats first)" in out
     status, out, _ = await run_replay(FLOWS / "mid-stream-drop.mitm", "--config", CONFIG)
     assert "replayed: 200 → 200, stream ended with stream_interrupted" in out
+    status, out, _ = await run_replay(FLOWS / "claude-drop-resumed.mitm", "--config", CONFIG)
+    assert "replayed: 200, continuation 200 → 200, resumed after a drop at 18 chars" in out
 
 
 async def test_a_different_outcome_exits_1_and_shows_both(tmp_path):

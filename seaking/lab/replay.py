@@ -30,7 +30,7 @@ import yaml
 from mitmproxy import exceptions, http, io
 
 from seaking.attempt_flows import tells_something
-from seaking.flow_notes import counted_runs
+from seaking.flow_notes import counted_runs, describe_resume
 from seaking.lab import recorded_faults
 from seaking.lab.harness import Mitmdump, MitmdumpFailed, free_ports
 from seaking.lab.recorded_faults import LAB_HEADER
@@ -66,13 +66,18 @@ class Outcome:
     answered_by: str | None = None
     stream_error: str | None = None
     heartbeats: bool = False
+    resumes: list[str] = field(default_factory=list)  # each break after content, and what became of the reply
 
     @classmethod
     def of(cls, record: FlowRecord, target_names: dict[str, str] | None = None) -> Outcome:
         names = target_names or {}
-        attempts = [(a.label, names.get(a.target, a.target), a.model) for a in record.attempts]
+        attempts = [
+            (f"continuation {a.label}" if a.continuation else a.label, names.get(a.target, a.target), a.model)
+            for a in record.attempts
+        ]
         answered_by = record.answered_by.value if record.answered_by else None
-        return cls(attempts, record.status, answered_by, record.stream_error, record.heartbeats)
+        resumes = [describe_resume(r) for r in record.resumes]
+        return cls(attempts, record.status, answered_by, record.stream_error, record.heartbeats, resumes)
 
     def describe(self, several_targets: bool, several_models: bool) -> str:
         if not self.attempts:
@@ -86,6 +91,8 @@ class Outcome:
             end += " (heartbeats first)"
         if self.answered_by and self.answered_by != "upstream":
             end += f" by {self.answered_by}"
+        if self.resumes:
+            end += ", " + ", ".join(self.resumes)
         if self.stream_error:
             end += f", stream ended with {self.stream_error}"
         return f"{', '.join(counted_runs(labels))} → {end}"
