@@ -10,6 +10,7 @@ would pass the request's deadline.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import enum
 import json
@@ -41,6 +42,7 @@ class Failure(enum.Enum):
     NETWORK = "network"  # refused, DNS failure, reset before or while reading the answer
     TIMEOUT = "timeout"  # no response headers within the per-try timeout
     BROKEN = "broken"  # a 2xx whose body is empty, not JSON, or an error object
+    EMPTY = "empty"  # a well-formed reply with no content at all: no text, no tool call, no refusal
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class RetryPolicy:
     max_delay: float = 60.0
     deadline: float = 300.0  # all attempts and waits of one request together
     per_try_timeout: float = 30.0  # connect until response headers, per attempt
+    retry_empty: bool = True  # a reply with no content at all is a failed attempt
+    # An attempt past its per-try timeout keeps running while the next one starts beside it; the first good answer
+    # wins (Envoy's hedge_on_per_try_timeout). Off: the attempt is abandoned, and the next starts from zero.
+    hedge_on_timeout: bool = True
 
     @property
     def max_attempts(self) -> int:
@@ -71,9 +77,15 @@ class RetryPolicy:
 
 
 def classify_response(
-    policy: RetryPolicy, status: int, content_type: str, body: bytes, expects_json: bool
+    policy: RetryPolicy,
+    status: int,
+    content_type: str,
+    body: bytes,
+    expects_json: bool,
+    blank: Callable[[object], bool] | None = None,
 ) -> Classification:
-    """Judge a complete upstream answer. `expects_json`: the endpoint answers JSON (chat, models, ...)."""
+    """Judge a complete upstream answer. `expects_json`: the endpoint answers JSON (chat, models, ...). `blank`: says
+    whether a good JSON answer is a reply with no content at all (a completion's shape is its API's)."""
     model_unavailable = not 200 <= status < 300 and says_model_unavailable(body)
     if status in policy.fail_codes:
         return Classification(Verdict.FAIL_FAST, f"upstream answered {status}", model_unavailable=model_unavailable)
@@ -97,6 +109,8 @@ def classify_response(
             Failure.BROKEN,
             says_model_unavailable(body),
         )
+    if policy.retry_empty and blank is not None and blank(document):
+        return Classification(Verdict.RETRY, "upstream answered with an empty reply", Failure.EMPTY)
     return Classification(Verdict.SUCCESS)
 
 
@@ -205,6 +219,19 @@ class wait_full_jitter(wait_base):
         return random.uniform(0, ceiling)
 
 
+class wait_none_after(wait_base):
+    """No wait after an attempt `started_beside(attempt)` says needs none (a hedge: the next one starts at once)."""
+
+    def __init__(self, started_beside: Callable[[Attempt], bool], fallback: wait_base) -> None:
+        self.started_beside, self.fallback = started_beside, fallback
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed and self.started_beside(outcome.result()):
+            return 0.0
+        return self.fallback(retry_state)
+
+
 class wait_unless(wait_base):
     """No wait while `free()` says the next attempt goes somewhere fresh (another target); else the fallback."""
 
@@ -285,6 +312,7 @@ async def run_with_retries(
     wait: wait_base | None = None,
     budget: RetryBudget | None = None,
     give_up_on: Callable[[A], bool] = lambda attempt: False,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Outcome[A]:
     """Call `attempt(deadline_at)` until it is worth no retry, attempts run out, the deadline would be passed, or
     the retry budget is spent.
@@ -292,6 +320,7 @@ async def run_with_retries(
     `deadline_at` is a time.monotonic() instant the attempt must not outlive. Attempts report failures in their
     classification instead of raising. `on_retry(last, attempt_number, wait)` runs before each wait. `wait` defaults
     to `backoff(policy)`. `give_up_on(attempt)` ends retrying early (the caller has something better to try).
+    `sleep` waits between attempts (it may end a wait early: the next call of `attempt` then answers at once).
     """
     started = time.monotonic()
     deadline_at = started + policy.deadline
@@ -331,6 +360,7 @@ async def run_with_retries(
         wait=wait or backoff(policy),
         before_sleep=lambda state: on_retry(state.outcome.result(), state.attempt_number, state.upcoming_sleep),
         retry_error_callback=give_up,
+        sleep=sleep,
     )
     result = await retrying(next_attempt, deadline_at)
     if isinstance(result, Outcome):

@@ -16,6 +16,7 @@ from retry_policy import Failure, Outcome, RetryPolicy, StopReason, Verdict, err
 from seaking.dialects import Dialect
 from seaking.errors import ProxyError, reason_phrase
 from seaking.attempt import Attempt
+from seaking.upstream_run import UpstreamResult
 
 logger = logging.getLogger("seaking")
 
@@ -111,37 +112,36 @@ def _is_error_document(body: bytes) -> bool:
 # --- what the client gets when the exchange is over -------------------------------------------------------------------
 
 
-def final_answer(
-    outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float, started: float, api: Dialect
-) -> http.Response:
+def final_answer(result: UpstreamResult, policy: RetryPolicy, elapsed: float, started: float, api: Dialect) -> http.Response:
     """The answer to a request that nothing has been sent for yet."""
-    last = outcome.last
+    last = result.last
     verdict = last.classification.verdict
     if verdict in (Verdict.SUCCESS, Verdict.PASS_THROUGH):
         return upstream_response(last.status, last.reason, last.raw_headers, last.body, started)
     if verdict is Verdict.FAIL_FAST:
         return upstream_error_response(last.status, last.reason, last.raw_headers, last.body, started, api)
-    return api.error_response(gave_up(outcome, policy, elapsed))
+    return api.error_response(gave_up(result, policy, elapsed))
 
 
-def failure_in_stream(outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
+def failure_in_stream(result: UpstreamResult, policy: RetryPolicy, elapsed: float) -> ProxyError:
     """Any outcome but a stream, as the error event of a stream that has already begun (with heartbeats)."""
-    last = outcome.last
+    last = result.last
     if last.classification.verdict is Verdict.RETRY:
-        return gave_up(outcome, policy, elapsed)
+        return gave_up(result, policy, elapsed)
     message = upstream_error_text(last.body, 300) or last.reason
     return ProxyError(
-        last.status, f"Upstream answered {last.status}: {message}", f"upstream_http_{last.status}", attempts=outcome.attempts
+        last.status, f"Upstream answered {last.status}: {message}", f"upstream_http_{last.status}",
+        attempts=result.outcome.attempts,
     )
 
 
-def gave_up(outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float) -> ProxyError:
+def gave_up(result: UpstreamResult, policy: RetryPolicy, elapsed: float) -> ProxyError:
     """Every attempt failed: say what happened last, and after how many attempts.
 
     The status: a Retry-After past the deadline is 429 with retry_after; the upstream's own status when it kept
-    answering a retry code; 504 for timeouts; 502 for an unreachable upstream or broken answers.
+    answering a retry code; 504 for timeouts; 502 for an unreachable upstream, broken answers or empty replies.
     """
-    last = outcome.last
+    outcome, last = result.outcome, result.last
     attempts = outcome.attempts
     tried = f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} in {elapsed:.1f} s"
     if outcome.stopped is StopReason.DEADLINE and last.retry_after is not None:
@@ -169,11 +169,20 @@ def gave_up(outcome: Outcome[Attempt], policy: RetryPolicy, elapsed: float) -> P
             retry_after = math.ceil(last.retry_after)
         status, code = last.status, f"upstream_http_{last.status}"
     elif failure is Failure.TIMEOUT:
-        if last.status is None:  # no headers; with headers, it was the first SSE event that never came
+        if last.hedged:
+            detail = (
+                f"no attempt answered within the {policy.deadline:g} s deadline (each one that had not answered "
+                f"within {policy.per_try_timeout:g} s kept running beside the next)"
+            )
+        elif last.status is None:  # no headers; with headers, it was the first SSE event that never came
             detail = f"no response headers from upstream within {policy.per_try_timeout:g} s"
         status, code = 504, "upstream_timeout"
     elif failure is Failure.BROKEN:
         status, code = 502, "upstream_bad_response"
+    elif failure is Failure.EMPTY:
+        blank = sum(a.classification.failure is Failure.EMPTY for a in result.attempts)
+        detail = f"upstream answered with an empty reply {blank} time{'s' if blank != 1 else ''} (no text, no tool call)"
+        status, code = 502, "upstream_empty_reply"
     else:
         status, code = 502, "upstream_unreachable"
     detail = f"{detail[0].upper()}{detail[1:]}"

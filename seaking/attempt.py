@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 
 from retry_policy import Classification, RetryPolicy, classify_response, retry_after_seconds
 from seaking.connections import NETWORK_ERRORS, ConnectionPools, classify_exception, upstream_headers
-from seaking.dialects import OPENAI, Dialect
+from seaking.dialects import OPENAI, Dialect, Usage
 from seaking.redaction import redacted
 from seaking.resume import Continuation, Prefill
 from seaking.routing import route
@@ -38,6 +39,7 @@ class UpstreamRequest:
     model: str | None = None  # the JSON body's "model"
     first_event_timeout: float | None = None  # set for "stream": true requests
     continuation: Continuation | None = None  # set: it continues a reply that broke off (resume.py)
+    blank: Callable[[object], bool] | None = None  # whether a whole reply has no content (chat endpoints only)
 
     def body_for(self, target: Target, model: str | None) -> bytes:
         body = self.body
@@ -81,6 +83,8 @@ class Attempt:
     retry_after: float | None = None
     responded_at: float | None = None  # epoch seconds when the response headers came
     continuation: int = 0  # which continuation of the reply it asked for (0: the request itself)
+    hedged: bool = False  # it passed its per-try timeout and the next attempt started beside it
+    usage: Usage | None = None  # the tokens a whole reply reported (a stream's come with its events)
 
     @property
     def ended_at(self) -> float:
@@ -95,37 +99,77 @@ class Attempt:
         return failure.value if failure else "?"
 
 
+@dataclass(frozen=True)
+class AttemptPlan:
+    """One attempt before it is sent: where it goes, and what (`sent` is that, with the credentials redacted)."""
+
+    request: UpstreamRequest
+    target: Target
+    model: str | None
+    url: str
+    headers: list[tuple[str, str]]  # with the target's key: never shown
+    sent: SentRequest
+
+    @classmethod
+    def of(cls, request: UpstreamRequest, target: Target, model: str | None) -> AttemptPlan:
+        url = route(target.base_url, request.path).url
+        headers = upstream_headers(request.headers, target.api_key)
+        body = request.body_for(target, model)
+        return cls(request, target, model, url, headers, SentRequest(request.method, url, tuple(redacted(headers)), body))
+
+    def attempt(self, classification: Classification, started_at: float, elapsed: float, **answer) -> Attempt:
+        continuation = self.request.continuation.number if self.request.continuation else 0
+        return Attempt(
+            self.target, self.model, self.sent, classification, started_at, elapsed, continuation=continuation, **answer
+        )
+
+
+class Overdue:
+    """Set when an attempt passes its per-try timeout while it goes on (hedging); awaitable in asyncio.wait."""
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def set(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self.future.done()
+
+
 async def send_attempt(
     pools: ConnectionPools,
     policy: RetryPolicy,
-    request: UpstreamRequest,
-    target: Target,
-    model: str | None,
+    plan: AttemptPlan,
     deadline_at: float,
+    overdue: Overdue | None = None,
 ) -> tuple[Attempt, UpstreamStream | None]:
-    """Send `request` to `target` once. `deadline_at` (time.monotonic()) bounds the whole attempt."""
-    url = route(target.base_url, request.path).url
-    headers = upstream_headers(request.headers, target.api_key)
-    body = request.body_for(target, model)
-    sent = SentRequest(request.method, url, tuple(redacted(headers)), body)
+    """Send the planned attempt. `deadline_at` (time.monotonic()) bounds it. The per-try timeout — no response
+    headers within target_proxy.timeout, or for a stream no content within first_event_timeout — ends it, unless
+    `overdue` is given (hedging): then `overdue` is set and the attempt goes on, until the deadline."""
+    request = plan.request
     started, started_at = time.monotonic(), time.time()
-    continuation = request.continuation.number if request.continuation else 0
 
     def attempt(classification: Classification, response: aiohttp.ClientResponse | None = None, **answer) -> Attempt:
         if response is not None:
             answer.update(status=response.status, reason=response.reason or "", raw_headers=tuple(response.raw_headers))
-        elapsed = time.monotonic() - started
-        return Attempt(target, model, sent, classification, started_at, elapsed, continuation=continuation, **answer)
+        return plan.attempt(classification, started_at, time.monotonic() - started, **answer)
 
+    per_try = min(policy.per_try_timeout, deadline_at - started)
+    timer = None if overdue is None else asyncio.get_running_loop().call_later(per_try, overdue.set)
     try:
-        async with asyncio.timeout(min(policy.per_try_timeout, deadline_at - started)):
-            response = await pools.request(target, request.method, url, headers, data=body or None)
+        async with asyncio.timeout(per_try if overdue is None else deadline_at - started):
+            response = await pools.request(plan.target, request.method, plan.url, plan.headers, data=plan.sent.body or None)
     except NETWORK_ERRORS as exc:
         return attempt(classify_exception(exc)), None
+    finally:
+        if timer is not None:
+            timer.cancel()
     responded_at = time.time()
     if request.first_event_timeout is not None and 200 <= response.status < 300 and is_event_stream(response.content_type):
         stream, prefetched, classification = await read_first_event(
-            response, request.first_event_timeout, deadline_at, request.api
+            response, request.first_event_timeout, deadline_at, request.api, policy.retry_empty, overdue
         )
         return attempt(classification, response, body=prefetched, responded_at=responded_at), stream
     try:
@@ -136,7 +180,18 @@ async def send_attempt(
         return attempt(classify_exception(exc), response, responded_at=responded_at), None
     finally:
         response.release()
-    classification = classify_response(policy, response.status, response.content_type, answer, request.expects_json)
+    classification = classify_response(
+        policy, response.status, response.content_type, answer, request.expects_json, request.blank
+    )
+    usage = _usage(request, answer) if request.blank is not None and 200 <= response.status < 300 else None
     return attempt(
-        classification, response, body=answer, retry_after=retry_after_seconds(response.headers), responded_at=responded_at
+        classification, response, body=answer, retry_after=retry_after_seconds(response.headers), responded_at=responded_at,
+        usage=usage,
     ), None
+
+
+def _usage(request: UpstreamRequest, body: bytes) -> Usage | None:
+    try:
+        return request.api.usage_of(json.loads(body))
+    except ValueError:
+        return None

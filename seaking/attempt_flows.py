@@ -89,6 +89,7 @@ class AttemptFlows:
         if pending is None:
             return
         secrets, noted = pending
+        noted.sort(key=lambda n: n.attempt.started_at)  # heard of as each ended; hedged ones overlap: in their order
         client = self.records.of(parent)
         if not tells_something(client, len(noted)):
             return
@@ -132,6 +133,9 @@ def attempt_records(attempts: Sequence[Attempt], secrets: set[str]) -> list[Atte
             wait_before=0.0 if i == 0 or a.continuation != attempts[i - 1].continuation
             else round(max(0.0, a.started_at - ends[i]), 3),
             continuation=a.continuation,
+            hedged=a.hedged,
+            prompt_tokens=a.usage.prompt if a.usage else None,
+            completion_tokens=a.usage.completion if a.usage else None,
         )
         for i, a in enumerate(attempts)
     ]
@@ -193,6 +197,13 @@ def _stream_ending(client: FlowRecord, attempt: Attempt, later: list[Attempt]) -
 def _what_came_next(client: FlowRecord, summaries: list[AttemptRecord], number: int) -> str:
     """How the request went on after this attempt: another try, another target or model, or how it ended."""
     this = summaries[number - 1]
+    if this.detail.startswith("closed:"):
+        return "→ closed"  # a hedge that lost, or the deadline came
+    raced = any(s.detail.startswith(f"closed: attempt {number} ") for s in summaries)
+    if raced:
+        return "→ success, answered first" if this.verdict is Verdict.SUCCESS else "→ answered first"
+    if this.hedged and this.verdict is Verdict.RETRY:
+        return "→ hedged, then failed"
     if number < len(summaries):
         following = summaries[number]
         if following.target != this.target:

@@ -64,6 +64,8 @@ class ErrorHandlingSection:
     base_delay: float | None = field(default=None, metadata=_range(low=0))
     max_delay: float = field(default=DEFAULT_POLICY.max_delay, metadata=_range(low=0))
     deadline: float = field(default=DEFAULT_POLICY.deadline, metadata=_range(low=0.001))
+    retry_empty: bool = DEFAULT_POLICY.retry_empty  # a reply with no content at all is retried like a 503
+    hedge_on_timeout: bool = DEFAULT_POLICY.hedge_on_timeout  # past its per-try timeout, an attempt keeps running
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class Config:
             max_delay=self.error_handling.max_delay,
             deadline=self.error_handling.deadline,
             per_try_timeout=self.target_proxy.timeout,
+            retry_empty=self.error_handling.retry_empty,
+            hedge_on_timeout=self.error_handling.hedge_on_timeout,
         )
 
     @property

@@ -81,6 +81,14 @@ class Dialect(abc.ABC):
         """What the data of one SSE event says. Never raises: data that is not what the API sends is content."""
 
     @abc.abstractmethod
+    def usage_of(self, document: object) -> Usage | None:
+        """The usage a whole reply reports, if it does."""
+
+    @abc.abstractmethod
+    def is_blank(self, document: object) -> bool:
+        """Whether a whole reply (a completion, a message) has no content at all: no text, no tool call, no refusal."""
+
+    @abc.abstractmethod
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A whole (non-streaming) answer as the stream the client asked for; None if it is not one."""
 
@@ -126,33 +134,55 @@ class OpenAIDialect(Dialect):
             return EventFacts(content=True)
         if _is_error(document):
             return EventFacts(document, error=True)
-        text, tool_call, reasoning, other_choice, finish = "", False, False, False, False
+        text, tool_call, reasoning, other_choice, finish, content = "", False, False, False, False, False
         choices = document.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
                 continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            pieces = "".join(p for p in (delta.get("content"), choice.get("text")) if isinstance(p, str))  # chat, text
+            calls = bool(delta.get("tool_calls") or delta.get("function_call"))
+            thinks = bool(delta.get("reasoning_content") or delta.get("reasoning"))
+            # The role preamble ({"role": "assistant", "content": ""}), a finish or a usage chunk carry none.
+            content = content or bool(pieces or calls or thinks or delta.get("refusal"))
+            finish = finish or bool(choice.get("finish_reason"))
             if choice.get("index", 0) != 0:
                 other_choice = True
                 continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            for piece in (delta.get("content"), choice.get("text")):  # chat, text completions
-                if isinstance(piece, str):
-                    text += piece
-            tool_call = tool_call or bool(delta.get("tool_calls") or delta.get("function_call"))
-            reasoning = reasoning or bool(delta.get("reasoning_content") or delta.get("reasoning"))
-            finish = finish or bool(choice.get("finish_reason"))
+            text += pieces
+            tool_call, reasoning = tool_call or calls, reasoning or thinks
         finish = finish or bool(document.get("finish_reason"))  # where a few upstreams put it
         usage = document.get("usage")
+        if not isinstance(choices, list) and usage is None:
+            content = True  # a shape of its own: passed on as content, not judged
         return EventFacts(
             document,
             text=text,
-            content=True,
+            content=content,
             tool_call=tool_call,
             reasoning=reasoning,
             other_choice=other_choice,
             finish=finish,
             usage=_openai_usage(usage) if isinstance(usage, dict) else None,
         )
+
+    def usage_of(self, document: object) -> Usage | None:
+        usage = document.get("usage") if isinstance(document, dict) else None
+        return _openai_usage(usage) if isinstance(usage, dict) else None
+
+    def is_blank(self, document: object) -> bool:
+        choices = document.get("choices") if isinstance(document, dict) else None
+        if not isinstance(choices, list):
+            return False  # not a completion: not ours to judge
+        for choice in choices:
+            if not isinstance(choice, dict):
+                return False
+            message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            if message.get("content") or message.get("tool_calls") or message.get("function_call") or message.get("refusal"):
+                return False
+            if choice.get("text"):  # a text completion
+                return False
+        return True
 
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A chat or text completion as one chunk event per choice, then [DONE]."""
@@ -225,7 +255,8 @@ class AnthropicDialect(Dialect):
         if kind == "content_block_delta":
             delta = document.get("delta") if isinstance(document.get("delta"), dict) else {}
             text = delta.get("text") if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str) else ""
-            return EventFacts(document, text=text, content=True, block=index, **_block_kind(delta.get("type")))
+            kind_of = _block_kind(delta.get("type"))
+            return EventFacts(document, text=text, content=bool(text) or bool(kind_of), block=index, **kind_of)
         if kind == "content_block_stop":
             return EventFacts(document, block=index, block_closed=True)
         if kind == "message_delta":
@@ -233,6 +264,18 @@ class AnthropicDialect(Dialect):
             usage = document.get("usage")
             return EventFacts(document, usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
         return EventFacts(document, content=True)  # event types Anthropic may add
+
+    def usage_of(self, document: object) -> Usage | None:
+        usage = document.get("usage") if isinstance(document, dict) else None
+        return _anthropic_usage(usage) if isinstance(usage, dict) else None
+
+    def is_blank(self, document: object) -> bool:
+        if not isinstance(document, dict) or document.get("type") != "message" or not isinstance(document.get("content"), list):
+            return False  # not a message: not ours to judge (count_tokens, ...)
+        return not any(
+            isinstance(block, dict) and (block.get("type") in ("tool_use", "server_tool_use") or block.get("text"))
+            for block in document["content"]
+        )
 
     def whole_as_stream(self, body: bytes) -> bytes | None:
         """A message as the events Anthropic would have streamed: text as one text_delta per block (what SillyTavern

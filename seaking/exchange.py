@@ -27,9 +27,9 @@ from seaking.attempt_flows import attempt_records
 from seaking.dialects import Dialect, dialect_for, dialect_of
 from seaking.errors import ProxyError
 from seaking.flows import is_client_flow, is_replay, show_upstream
-from seaking.records import AnsweredBy, FlowRecord
+from seaking.records import AnsweredBy, AttemptRecord, FlowRecord
 from seaking.redaction import scrub, scrub_response
-from seaking.routing import Route, route
+from seaking.routing import REPLY_ENDPOINTS, Route, route
 from seaking.stream_answer import StreamAnswer
 from seaking.streaming import UpstreamStream
 from seaking.targets import Target
@@ -66,22 +66,26 @@ class Call:
         """Where an attempt went, as the client flow shows it (mitmweb, recordings)."""
         return route(attempt.target.base_url, self.record.client_path).url
 
-    def note_result(self, result: UpstreamResult, answered_by: AnsweredBy, status: int) -> None:
-        """What the run came to, in the flow's record: for the flow notes, the models cache, metrics and recordings."""
-        self.record.attempts = attempt_records(result.attempts, self.secrets)
+    def note_result(self, result: UpstreamResult, answered_by: AnsweredBy, status: int) -> AttemptRecord:
+        """What the run came to, in the flow's record: for the flow notes, the models cache, metrics and recordings.
+        Returns the record of the attempt the answer came from."""
+        self.record.attempts = []
         self.record.elapsed = round(time.time() - self.started, 3)
         self.record.verdict = result.last.classification.verdict
         self.record.stopped = result.outcome.stopped
         self.record.answered_by = answered_by
         self.record.status = status
+        return self.note_continuation(result)
 
-    def note_continuation(self, result: UpstreamResult) -> None:
-        """A continuation's attempts, after the request's own."""
-        self.record.attempts += attempt_records(result.attempts, self.secrets)
+    def note_continuation(self, result: UpstreamResult) -> AttemptRecord:
+        """A run's attempts, after those before it (a continuation's); the record of the one it ended with."""
+        records = attempt_records(result.attempts, self.secrets)
+        self.record.attempts += records
+        return records[result.attempts.index(result.last)]
 
     def whole_answer(self, result: UpstreamResult) -> http.Response:
         """The answer, when the run ended without a stream to relay."""
-        answer = final_answer(result.outcome, self.config.retry, time.time() - self.started, self.started, self.api)
+        answer = final_answer(result, self.config.retry, time.time() - self.started, self.started, self.api)
         answer.headers.update(seaking_headers(result.outcome))
         if answer.status_code >= 400:
             scrub_response(answer, self.secrets)
@@ -149,6 +153,7 @@ class Exchange:
             api=api,
             model=record.model,
             first_event_timeout=config.streaming.first_event_timeout if record.stream else None,
+            blank=api.is_blank if primary.endpoint in REPLY_ENDPOINTS else None,
         )
 
         def on_attempt(attempt: Attempt, stream: UpstreamStream | None) -> None:

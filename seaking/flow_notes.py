@@ -6,8 +6,8 @@
     4 attempts: 503 ×4 → models from cache in 0.7 s                                    marked 🔁
     1 attempt: 200, stream broke after 412 chars in 3.1 s (stream_interrupted)         marked ❌
 
-Every attempt is counted (runs of three or more of the same outcome as "503 ×4"). A request answered at its first
-attempt, whole, gets no note: most requests, and nothing to say.
+Every attempt is counted (runs of three or more of the same outcome as "503 ×4"), and the tokens the upstream reported
+follow (`…, 1,204 → 356 tokens`). A request answered at its first attempt that reported no usage gets no note.
 """
 
 from __future__ import annotations
@@ -92,10 +92,13 @@ def notes(record: FlowRecord) -> tuple[str, str]:
         mark = FAILED_MARK
     else:
         mark = RETRIED_MARK if len(attempts) > 1 or record.resumes else ""
-    if len(attempts) == 1 and not ending:
+    tokens = record.tokens
+    if len(attempts) == 1 and not ending and tokens is None:
         return mark, ""
     seconds = record.duration if record.duration is not None else record.elapsed  # a stream: until its last byte
     comment = describe_history(attempts, seconds or 0.0, ending)
+    if tokens is not None:
+        comment += f", {tokens[0]:,} → {tokens[1]:,} tokens"
     if stream_error:
         comment += f" ({stream_error})"
     return mark, comment

@@ -85,6 +85,12 @@ class Metrics:
             "upstream refused the prefill), not_possible (tool calls, reasoning, n > 1, the retry budget, ...).",
             ["outcome"], registry=registry,
         )
+        self.tokens = Counter(
+            "seaking_tokens",
+            "Tokens the upstream reported (usage), by kind (prompt, completion), target (host:port) and model (one the "
+            "upstream listed or the config names; any other is counted as \"other\").",
+            ["kind", "target", "model"], registry=registry,
+        )
         self.budget_refusals = Counter(
             "seaking_retry_budget_refusals", "Retries the retry budget refused (the request was answered with its failure).",
             registry=registry,
@@ -137,10 +143,29 @@ class Metrics:
             self.first_byte.labels(endpoint, stream).observe(record.elapsed)
         for resume in record.resumes:
             self.resumes.labels(resume.outcome.value).inc()
+        self._count_tokens(record)
         if record.verdict is Verdict.RETRY and record.stopped is not None:
             self.give_ups.labels(record.stopped.value).inc()
             if record.stopped is StopReason.BUDGET:
                 self.budget_refusals.inc()
+
+
+    def _count_tokens(self, record: FlowRecord) -> None:
+        if record.tokens is None or not self.shared.loaded:
+            return
+        snapshot = self.shared.snapshot
+        targets = {t.host: t for t in snapshot.failover.targets}
+        for attempt in record.attempts:
+            prompt, completion = attempt.prompt_tokens or 0, attempt.completion_tokens or 0
+            if not (prompt or completion):
+                continue
+            model = snapshot.model_label(attempt.model)
+            self.tokens.labels("prompt", attempt.target or "none", model).inc(prompt)
+            self.tokens.labels("completion", attempt.target or "none", model).inc(completion)
+            target = targets.get(attempt.target)
+            if target is not None:
+                target.prompt_tokens += prompt
+                target.completion_tokens += completion
 
 
 class _TargetStates:

@@ -51,6 +51,14 @@ def is_models_list(body: bytes) -> bool:
     return isinstance(document, dict) and isinstance(document.get("data"), list)
 
 
+def _listed(body: bytes) -> list[dict]:
+    try:
+        data = json.loads(body).get("data")
+    except (ValueError, AttributeError):
+        return []
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] if isinstance(data, list) else []
+
+
 def fallback_models_body(model_ids: tuple[str, ...]) -> bytes:
     data = [{"id": model_id, "object": "model", "created": 0, "owned_by": "seaking-proxy"} for model_id in model_ids]
     return json.dumps({"object": "list", "data": data}).encode()
@@ -66,6 +74,14 @@ class ModelListStore:
         self.path = path
         self._entries: dict[str, CachedModels] = {}
         self._read_version: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read
+        self._ids: tuple[dict[str, CachedModels], frozenset[str]] | None = None  # the ids of which entries
+
+    def model_ids(self) -> frozenset[str]:
+        """Every model id the lists name (what the upstreams listed)."""
+        if self._ids is None or self._ids[0] != self._entries:
+            ids = {m["id"] for cached in self._entries.values() for m in _listed(cached.body)}
+            self._ids = (dict(self._entries), frozenset(ids))
+        return self._ids[1]
 
     def get(self, url: str) -> CachedModels | None:
         self._merge_file()

@@ -49,6 +49,9 @@ class AttemptRecord:
     wait_before: float = 0.0  # since the attempt before it ended (back-off, Retry-After)
     flow: str | None = None  # the id of its attempt flow, where one was made
     continuation: int = 0  # which continuation of a broken-off reply it asked for (0: the request itself)
+    hedged: bool = False  # it passed its per-try timeout and the next attempt started beside it
+    prompt_tokens: int | None = None  # as the upstream reported them (a stream's: when it ended)
+    completion_tokens: int | None = None
 
     def to_metadata(self) -> dict:
         return {
@@ -63,6 +66,9 @@ class AttemptRecord:
             "wait_before": self.wait_before,
             **({"flow": self.flow} if self.flow else {}),
             **({"continuation": self.continuation} if self.continuation else {}),
+            **({"hedged": True} if self.hedged else {}),
+            **({"prompt_tokens": self.prompt_tokens} if self.prompt_tokens is not None else {}),
+            **({"completion_tokens": self.completion_tokens} if self.completion_tokens is not None else {}),
         }
 
     @classmethod
@@ -79,6 +85,9 @@ class AttemptRecord:
             wait_before=data.get("wait_before", 0.0),
             flow=data.get("flow"),
             continuation=data.get("continuation", 0),
+            hedged=data.get("hedged", False),
+            prompt_tokens=data.get("prompt_tokens"),
+            completion_tokens=data.get("completion_tokens"),
         )
 
 
@@ -129,6 +138,14 @@ class FlowRecord:
     duration: float | None = None  # the stream answer: seconds from the request to the stream's last byte
     resumes: list[ResumeRecord] = field(default_factory=list)  # the stream answer: each break after content
     ended_early: str | None = None  # Exchange: the error code a request was answered with before its exchange ended
+
+    @property
+    def tokens(self) -> tuple[int, int] | None:
+        """Prompt and completion tokens of all attempts, as the upstream reported them; None if none did."""
+        reported = [a for a in self.attempts if a.prompt_tokens is not None or a.completion_tokens is not None]
+        if not reported:
+            return None
+        return sum(a.prompt_tokens or 0 for a in reported), sum(a.completion_tokens or 0 for a in reported)
 
     @property
     def gave_up(self) -> bool:

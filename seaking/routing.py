@@ -18,6 +18,7 @@ ANTHROPIC_ENDPOINTS = frozenset({"messages", "messages/count_tokens"})
 OPENAI_ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings"})
 JSON_ENDPOINTS = OPENAI_ENDPOINTS | ANTHROPIC_ENDPOINTS
 MODELS_ENDPOINT = "models"
+REPLY_ENDPOINTS = frozenset({"chat/completions", "completions", "messages"})  # answered with a model's reply
 _VERSION_PREFIX = re.compile(r"^v1(/|$)")
 
 

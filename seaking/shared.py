@@ -28,6 +28,21 @@ class Snapshot:
     refused_prefill: set[tuple[str, str | None]] = field(default_factory=set, compare=False)
 
     @functools.cached_property
+    def named_models(self) -> frozenset[str]:
+        """The models the config names (fallbacks, models.fallback)."""
+        config = self.config
+        named = set(config.models.fallback) | set(config.model_fallbacks)
+        named.update(m for fallbacks in config.model_fallbacks.values() for m in fallbacks)
+        return frozenset(named)
+
+    def model_label(self, model: str | None) -> str:
+        """A model's name where metrics may use it: one the upstream listed or the config names, else "other". A
+        client chooses the model, so made-up names must not grow the metrics (and the proxy's memory) without end."""
+        if model and (model in self.named_models or model in self.models.model_ids()):
+            return model
+        return "other"
+
+    @functools.cached_property
     def secrets(self) -> frozenset[str]:
         """The keys (and proxy passwords) the proxy holds: never to be shown anywhere."""
         targets = self.failover.targets

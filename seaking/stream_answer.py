@@ -28,7 +28,7 @@ from mitmproxy import http
 from retry_policy import Verdict
 from seaking.answers import INTERNAL_ERROR, failure_in_stream, forwardable_headers, internal_error, seaking_headers
 from seaking.errors import ProxyError
-from seaking.records import AnsweredBy, ResumeOutcome, ResumeRecord
+from seaking.records import AnsweredBy, AttemptRecord, ResumeOutcome, ResumeRecord
 from seaking.redaction import scrub
 from seaking.relay import Head
 from seaking.resume import Continuation, why_not_continued
@@ -66,6 +66,7 @@ class StreamAnswer:
         self._whole: http.Response | None = None  # an answer sent whole instead of a stream
         self._committed = False  # answered 200 with heartbeats before the run ended
         self._continuations = 0  # continuation runs started
+        self._relayed: AttemptRecord | None = None  # the record of the attempt whose stream is relayed now
         self.streamed = True
         self.shown_url: str | None = None  # where the answer came from, once known (mitmweb shows it)
 
@@ -81,7 +82,7 @@ class StreamAnswer:
                 if result.stream is None:
                     return self._answer_whole(call.whole_answer(result))
                 last = result.last
-                call.note_result(result, AnsweredBy.UPSTREAM, last.status)
+                self._relayed = call.note_result(result, AnsweredBy.UPSTREAM, last.status)
                 headers = forwardable_headers(last.raw_headers) + list(seaking_headers(result.outcome).items())
                 return Head(last.status, headers, last.reason)
             if self._grace_over.done():
@@ -133,7 +134,7 @@ class StreamAnswer:
             return
         result = self._take(run)
         last = result.last
-        call.note_result(result, AnsweredBy.UPSTREAM if result.stream else AnsweredBy.PROXY, 200)
+        self._relayed = call.note_result(result, AnsweredBy.UPSTREAM if result.stream else AnsweredBy.PROXY, 200)
         if result.stream is not None:
             return
         if last.classification.verdict is Verdict.SUCCESS:
@@ -141,7 +142,7 @@ class StreamAnswer:
             if replay is not None:
                 yield replay
                 return
-        error = failure_in_stream(result.outcome, call.config.retry, time.time() - call.started)
+        error = failure_in_stream(result, call.config.retry, time.time() - call.started)
         yield self._end(client, dataclasses.replace(error, message=scrub(error.message, call.secrets)))
 
     async def _relay(self, stream: UpstreamStream, client: ClientStream) -> AsyncIterator[bytes]:
@@ -164,6 +165,7 @@ class StreamAnswer:
                 if splicer is not None:
                     for raw in splicer.flush():
                         yield client.sent(raw, read(api, parse_event(raw)))
+                self._count_tokens(stream)
                 problem = self._break(pipe, stream, held)
                 if problem is None:
                     break
@@ -198,6 +200,12 @@ class StreamAnswer:
             said = scrub((held.data or b"").decode("utf-8", "replace")[:300] if held else "", self.call.secrets)
             return ProxyError(502, f"Upstream reported an error in the middle of the stream: {said}", "stream_upstream_error")
         return stream_incomplete(self.call.api)
+
+    def _count_tokens(self, stream: UpstreamStream) -> None:
+        """What the upstream reported of a relayed stream's tokens, on its attempt's record."""
+        if self._relayed is not None:
+            self._relayed.prompt_tokens = stream.reply.prompt_tokens
+            self._relayed.completion_tokens = stream.reply.completion_tokens
 
     def _end(self, client: ClientStream, problem: ProxyError | None) -> bytes:
         tail, problem = client.ending(problem)
@@ -248,7 +256,7 @@ class StreamAnswer:
             record.outcome, record.detail = ResumeOutcome.FAILED, "the proxy is shutting down"
             return
         result = self._take(task)
-        call.note_continuation(result)
+        self._relayed = call.note_continuation(result)
         if result.stream is not None:
             record.outcome = ResumeOutcome.CONTINUED
             yield result.stream

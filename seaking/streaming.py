@@ -171,15 +171,23 @@ class UpstreamStream:
 
 
 async def read_first_event(
-    response: aiohttp.ClientResponse, silence: float, deadline_at: float, api: Dialect
+    response: aiohttp.ClientResponse,
+    silence: float,
+    deadline_at: float,
+    api: Dialect,
+    retry_empty: bool = True,
+    overdue=None,
 ) -> tuple[UpstreamStream | None, bytes, Classification]:
     """Read until the first event with content, or an error before it; judge it. An UpstreamStream comes back only
-    when content came first: until then nothing need reach the client, so whatever goes wrong can still be retried.
-    Otherwise the response is closed here. The bytes read come back too (what the attempt flow shows).
+    when content came first: until then nothing need reach the client, so whatever goes wrong can still be retried —
+    an error event, an end with no content at all (`retry_empty`), a silence. Otherwise the response is closed here.
+    The bytes read come back too (what the attempt flow shows).
 
     The upstream may take `silence` seconds for its first event, and as long again after each event without content
     (Anthropic's message_start and pings: it is alive, reading a long prompt), but never past `deadline_at`
-    (time.monotonic()). An OpenAI stream has no such events: `silence` bounds the wait for its first event."""
+    (time.monotonic()). An OpenAI stream has no such events: `silence` bounds the wait for its first event. With
+    `overdue` (hedging), a silence that long does not end the attempt: `overdue` is set, so that the next attempt can
+    start beside it, and this one reads on until the deadline."""
     framer = SseFramer()
     events: list[tuple[SseEvent, EventFacts]] = []
     prefetched = b""
@@ -189,8 +197,17 @@ async def read_first_event(
     error_first = None
     try:
         while not (reply.has_content or reply.ended or error_first):
-            async with asyncio.timeout(max(0.0, window_start + window - time.monotonic())):
-                chunk = await response.content.readany()
+            wait = window_start + window - time.monotonic()
+            if wait <= 0 and overdue is not None:
+                overdue.set()  # the next attempt starts beside this one, which reads on
+                wait = deadline_at - time.monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    chunk = await response.content.readany()
+            except TimeoutError:
+                if overdue is None or overdue.is_set():
+                    raise
+                continue  # the window has passed: overdue now
             if not chunk:
                 break
             prefetched += chunk
@@ -205,25 +222,28 @@ async def read_first_event(
                 window = min(silence, deadline_at - window_start)
     except TimeoutError:
         window = max(0.0, window)
-        detail = (
-            f"no first event from upstream within {window:g} s" if not events
-            else f"upstream went silent for {window:g} s before any content"
-        )
+        if overdue is not None and overdue.is_set():
+            detail = "no content from upstream within the deadline"
+        elif not events:
+            detail = f"no first event from upstream within {window:g} s"
+        else:
+            detail = f"upstream went silent for {window:g} s before any content"
         classification = Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
     except (aiohttp.ClientError, OSError):
         classification = Classification(Verdict.RETRY, "upstream broke off the stream before its first event", Failure.NETWORK)
-    except BaseException:  # cancelled: the client left, or the proxy is stopping
+    except BaseException:  # cancelled: the client left, another attempt won, or the proxy is stopping
         response.close()
         raise
     else:
         if error_first is not None:
             detail = f"upstream stream began with an error: {error_first.decode('utf-8', 'replace')[:300]}"
             classification = Classification(Verdict.RETRY, detail, Failure.BROKEN)
-        elif not (reply.has_content or reply.ended):
-            classification = Classification(Verdict.RETRY, "upstream ended the stream before its first event", Failure.BROKEN)
+        elif reply.has_content or (reply.complete and not retry_empty):
+            return UpstreamStream(response, api, framer, events), prefetched, Classification(Verdict.SUCCESS)
+        elif reply.complete:
+            classification = Classification(Verdict.RETRY, "upstream answered with an empty reply", Failure.EMPTY)
         else:
-            stream = UpstreamStream(response, api, framer, events)
-            return stream, prefetched, Classification(Verdict.SUCCESS)
+            classification = Classification(Verdict.RETRY, "upstream ended the stream before its first event", Failure.BROKEN)
     response.close()
     return None, prefetched, classification
 

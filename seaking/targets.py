@@ -78,6 +78,8 @@ class Target:
     last_error: str | None = None
     last_latency: float | None = None
     last_result_at: float | None = None  # time.time()
+    prompt_tokens: int = 0  # as the upstream reported them, through this target
+    completion_tokens: int = 0
 
     @functools.cached_property  # named in every attempt's headers, log lines and records; the URL never changes
     def host(self) -> str:
@@ -115,6 +117,7 @@ class Target:
             "last_error": self.last_error,
             "last_latency_ms": None if self.last_latency is None else round(self.last_latency * 1000, 1),
             "last_result_age_s": None if self.last_result_at is None else round(time.time() - self.last_result_at, 1),
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
         }
 
 

@@ -330,7 +330,8 @@ async def test_failures_before_any_content_are_retried_and_the_retry_streams_liv
 
 @pytest.mark.slow
 async def test_pings_before_content_keep_a_slow_prompt_alive_silence_is_retried(proxy_factory, upstream, client):
-    proxy = await proxy_factory({"streaming": {"first_event_timeout": 0.5}})
+    # Without hedging: the silent attempt is given up on (with hedging it would go on beside the next: test_hedging.py).
+    proxy = await proxy_factory({"streaming": {"first_event_timeout": 0.5}, "error_handling": {"hedge_on_timeout": False}})
     # A long prompt: message_start at once, then 1.2 s of pings before the first text. Not a silent upstream.
     upstream.script("messages", MessageStream(think=1.2, ping_every=0.2))
     read = await read_events(client, proxy)

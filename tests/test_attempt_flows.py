@@ -56,7 +56,7 @@ async def test_each_attempt_is_a_flow_with_what_was_sent_and_what_came_back(prox
 
 
 async def test_failed_connections_are_the_attempt_flows_error(proxy_factory, upstream, client):
-    proxy = await proxy_factory({"target_proxy": {"timeout": 0.3}})
+    proxy = await proxy_factory({"target_proxy": {"timeout": 0.3}, "error_handling": {"hedge_on_timeout": False}})
     upstream.script("chat/completions", Reset(), Hang())
     assert (await chat(client, proxy)).status == 200
     reset, hang, good = attempts_of(proxy, proxy.flows[-1])

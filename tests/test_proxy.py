@@ -9,6 +9,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import re
 import socket
 import time
 
@@ -227,7 +228,7 @@ async def test_an_unknown_host_is_a_502(proxy_factory, client):
 
 
 async def test_timeouts_are_a_504(proxy_factory, upstream, client):
-    proxy = await proxy_factory({"target_proxy": {"timeout": 0.2, "max_retries": 1}})
+    proxy = await proxy_factory({"target_proxy": {"timeout": 0.2, "max_retries": 1}, "error_handling": {"hedge_on_timeout": False}})
     upstream.always("chat/completions", Hang())
     answer = await chat(client, proxy)
     assert answer.status == 504
@@ -474,12 +475,15 @@ async def test_retried_flows_are_marked_with_their_attempt_history(proxy, upstre
     flow = proxy.flows[-1]
     assert flow.marked == ":repeat:"
     assert flow.comment.startswith("3 attempts: 503, 503, 200 in ")
-    assert flow.comment.endswith(" s")
+    assert flow.comment.endswith(" s, 1 → 3 tokens")  # the usage the good answer reported
     assert flow.request.url == upstream.url + "/v1/chat/completions"
 
 
-async def test_single_successes_are_not_marked(proxy, upstream, client):
+async def test_single_successes_are_not_marked_and_say_only_their_tokens(proxy, upstream, client):
     await chat(client, proxy)
+    assert proxy.flows[-1].marked == ""
+    assert re.fullmatch(r"1 attempt: 200 in \d+\.\d s, 1 → 3 tokens", proxy.flows[-1].comment)
+    await chat(client, proxy, path="/v1/embeddings", body={"model": "e", "input": "x"})  # no usage: nothing to say
     assert (proxy.flows[-1].marked, proxy.flows[-1].comment) == ("", "")
 
 

@@ -210,7 +210,8 @@ async def test_a_continuation_that_fails_ends_the_stream_as_before_with_heartbea
     proxy_factory, upstream, client
 ):
     proxy = await proxy_factory({
-        "target_proxy": {"prefill": "assistant", "timeout": 0.3}, "error_handling": {"max_retries": 1},
+        "target_proxy": {"prefill": "assistant", "timeout": 0.3},
+        "error_handling": {"max_retries": 1, "hedge_on_timeout": False},
         "streaming": {"heartbeat_interval": 0.2},
     })
     upstream.script("chat/completions", Stream(chunks=WORDS, drop_after=3), Hang(), Hang())

@@ -159,6 +159,7 @@ class Stream:
     restate: int = 0  # a continuation begins with the last words of its start
     tool_call: bool = False  # the chunks are a tool call's arguments, not text
     usage: bool = False  # a last chunk with usage (as with stream_options.include_usage)
+    first_event_after: float = 0.0  # seconds between the response headers and the first event
 
     async def __call__(self, request, received) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
@@ -169,6 +170,7 @@ class Stream:
             return response
         model = _json_or_empty(received.body).get("model", "model-a")
         chunks = continued(self.chunks, received, self.restate)
+        await asyncio.sleep(self.first_event_after)
         for index, text in enumerate(chunks):
             if index == self.drop_after:
                 request.transport.close()
@@ -248,6 +250,25 @@ class MessageStream:
             await response.write(named("message_stop", {"type": "message_stop"}))
         await response.write_eof()
         return response
+
+
+@dataclass
+class Blank:
+    """A well-formed reply with no content at all, in the endpoint's shape: a completion whose content is "", a
+    message with no content blocks; asked for a stream, a stream of only its preamble and its end."""
+
+    async def __call__(self, request, received) -> web.StreamResponse:
+        document = _json_or_empty(received.body)
+        model = document.get("model", "model-a")
+        if is_messages(request.path):
+            if document.get("stream"):
+                return await MessageStream(chunks=[])(request, received)
+            return web.json_response({**message("", model), "content": [], "usage": {"input_tokens": 5, "output_tokens": 0}})
+        if document.get("stream"):
+            return await Stream(chunks=[])(request, received)
+        blank = completion("", model)
+        blank["usage"] = {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+        return web.json_response(blank)
 
 
 @dataclass
