@@ -262,7 +262,10 @@ class RetryBudget:
         self._retries: deque[float] = deque()
 
     def record_request(self) -> None:
-        self._requests.append(self.clock())
+        now = self.clock()
+        while self._requests and self._requests[0] <= now - self.WINDOW:  # try_spend prunes only when there are retries
+            self._requests.popleft()
+        self._requests.append(now)
 
     def try_spend(self) -> bool:
         """Take one retry from the budget if there is one left."""

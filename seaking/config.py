@@ -84,7 +84,9 @@ class ModelsSection:
 @dataclass(frozen=True)
 class StreamingSection:
     first_event_timeout: float = field(default=60, metadata=_range(low=0.001))  # response headers -> first event
-    idle_timeout: float = field(default=60, metadata=_range(low=0.001))  # longest silence once streaming
+    # The longest silence once streaming. A stream that stalls is continued where it broke (resume), so a stall need
+    # not cost a minute; healthy streams send something far more often (docs/streaming.md, benchmarks/fault_mix.py).
+    idle_timeout: float = field(default=15, metadata=_range(low=0.001))
     heartbeat_interval: float = field(default=15, metadata=_range(low=0.001))  # SSE comments while the client waits
     resume: bool = True  # a reply that broke off mid-stream is continued (resume.py)
     resume_attempts: int = field(default=2, metadata=_range(low=0))  # continuations per request, at most

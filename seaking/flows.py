@@ -18,10 +18,15 @@ def is_replay(flow: http.HTTPFlow) -> bool:
     return flow.is_replay == "request"
 
 
+def flows_are_listed() -> bool:
+    """Whether a flow list keeps flows (mitmweb, mitmproxy's console): only there can a flow be replayed."""
+    return ctx.master.addons.get("view") is not None
+
+
 def flows_are_seen() -> bool:
     """Whether flows are shown to anyone: a flow list (mitmweb, mitmproxy's console) or a recording (-w). Plain
     mitmdump without -w prints a line per flow and keeps none, so what only a flow shows need not be made there."""
-    return ctx.master.addons.get("view") is not None or bool(ctx.options.save_stream_file)
+    return flows_are_listed() or bool(ctx.options.save_stream_file)
 
 
 def show_upstream(flow: http.HTTPFlow, url: str) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from mitmproxy import http
 
-from seaking.flows import is_client_flow
+from seaking.flows import flows_are_listed, is_client_flow
 
 REDACTED = "[redacted]"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization")
@@ -74,8 +74,8 @@ def scrub_response(response: http.Response, secrets: Iterable[str]) -> None:
 class Redaction:
     """mitmproxy addon: the client's credentials, off the flow and in process memory only.
 
-    They stay there after the flow is over (for the last KEPT_FLOWS flows), so that mitmweb's Replay of a flow sends
-    the key its client sent. A replayed flow carries the placeholder, and keeps the key it had; a key typed into the
+    Where flows are listed (mitmweb, the console) they stay there after the flow is over (for the last KEPT_FLOWS
+    flows), so that a Replay of a flow sends the key its client sent; elsewhere they go with their flow. A replayed flow carries the placeholder, and keeps the key it had; a key typed into the
     flow's headers in mitmweb before the replay replaces it."""
 
     name = "seaking.redaction"
@@ -99,6 +99,17 @@ class Redaction:
                 self._kept.popitem(last=False)
             for name in {name.lower() for name, _ in sent}:
                 headers.set_all(name, [_redacted_value(v) for v in headers.get_all(name)])
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._forget_unless_replayable(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._forget_unless_replayable(flow)
+
+    def _forget_unless_replayable(self, flow: http.HTTPFlow) -> None:
+        # Without a flow list (plain mitmdump) nothing can be replayed: the key need not outlive its flow.
+        if not flows_are_listed():
+            self._kept.pop(flow.id, None)
 
     def client_headers(self, flow: http.HTTPFlow) -> list[tuple[str, str]]:
         """The flow's request headers with the credentials the client sent."""

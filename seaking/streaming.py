@@ -167,6 +167,13 @@ class UpstreamStream:
             self.received += chunk[: RECEIVED_LIMIT - len(self.received)]
 
     def close(self) -> None:
+        content = self.response.content
+        if not content.is_eof() and content.exception() is None:
+            # A read may be pending (IdleWatchdog, the shutdown): end it with an exception of our own. aiohttp (since
+            # 3.10) would end it with one module-level instance, client_reqrep._CONNECTION_CLOSED_EXCEPTION, whose
+            # traceback grows by the reader's frames at every raise: each stream ended so would stay in memory, its
+            # flow included (found with tracemalloc and gc referrers under a soak of stalled streams).
+            content.set_exception(aiohttp.ClientConnectionError("upstream response closed by seaking-proxy"))
         self.response.close()
 
 
@@ -229,7 +236,8 @@ async def read_first_event(
         else:
             detail = f"upstream went silent for {window:g} s before any content"
         classification = Classification(Verdict.RETRY, detail, Failure.TIMEOUT)
-    except (aiohttp.ClientError, OSError):
+    except (aiohttp.ClientError, OSError) as error:
+        error.__traceback__ = None  # as in Pipe: the reader keeps its error, whose traceback would keep this frame
         classification = Classification(Verdict.RETRY, "upstream broke off the stream before its first event", Failure.NETWORK)
     except BaseException:  # cancelled: the client left, another attempt won, or the proxy is stopping
         response.close()
@@ -315,7 +323,10 @@ class Pipe:
                     watchdog.reading()
                     chunk = await content.readany()
                     watchdog.got_data()
-                except (aiohttp.ClientError, OSError):
+                except (aiohttp.ClientError, OSError) as error:
+                    # The reader keeps its error, and the error's traceback keeps this frame, which keeps the reader:
+                    # a cycle that holds the whole stream (response, buffers, flow) until the cyclic GC runs. Broken.
+                    error.__traceback__ = None
                     if not watchdog.fired and stopped_by is None:
                         self.problem = stream_interrupted()
                         last_words = _received_before_the_drop(content)

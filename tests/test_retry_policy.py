@@ -228,6 +228,15 @@ def test_retry_budget_allows_a_share_of_requests_and_a_floor():
     assert sum(budget.try_spend() for _ in range(50)) == 5  # no traffic: the floor
 
 
+def test_retry_budget_keeps_only_its_window_without_retries():
+    clock = FakeClock()
+    budget = RetryBudget(percent=20, min_per_second=0.5, clock=clock)
+    for _ in range(1000):  # a healthy upstream: requests, never a retry
+        budget.record_request()
+        clock.now += 1
+    assert len(budget._requests) <= 10
+
+
 async def test_a_spent_budget_stops_retrying_at_once():
     budget = RetryBudget(percent=0, min_per_second=0.1)  # one retry per 10 s
     attempt, calls = scripted(RETRY)

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import CHAT, call
 import seaking.relay as relay_module
+from seaking.streaming import UpstreamStream
 from seaking.lab.fault_upstream import REPLY_TEXT, Delayed, Hang, Reset, Status, Stream
 from seaking.lab.harness import listeners
 
@@ -249,6 +250,34 @@ async def test_a_silence_longer_than_idle_timeout_ends_with_one_error_event(prox
     assert_ended_with_one_error(read, "stream_idle_timeout")
     await asyncio.sleep(0.2)
     assert upstream.received[0].disconnected_at is not None  # the stalled upstream was let go
+
+
+async def test_streams_ended_by_idle_timeout_or_a_drop_are_freed_at_once(proxy_factory, upstream, client):
+    # Attempt flows are off: mitmproxy's own type check of a new Request or Response makes a cycle that holds its
+    # caller's frames (and so an attempt's stream) until the cyclic GC runs.
+    proxy = await proxy_factory({"streaming": {"idle_timeout": 0.2, "resume": False}}, seaking_attempt_flows=False)
+    upstream.always("chat/completions", Stream(chunks=["a", "b", "c"], stall_after=1))
+
+    def kept() -> list[UpstreamStream]:
+        return [o for o in gc.get_objects() if isinstance(o, UpstreamStream)]
+
+    # Kept for good: aiohttp ends a read pending on a closed response with one shared exception instance, whose
+    # traceback grew by the frames of every reader it was raised into (one stream after another: each of them).
+    for _ in range(3):
+        assert_ended_with_one_error(await read_stream(client, proxy), "stream_idle_timeout")
+    await asyncio.sleep(0.1)
+    gc.collect()
+    assert kept() == []
+    # Kept until the cyclic GC runs: the reader keeps its error, whose traceback keeps the frame that reads it.
+    upstream.script("chat/completions", Stream(chunks=["a", "b", "c"], drop_after=1))
+    gc.disable()
+    try:
+        assert_ended_with_one_error(await read_stream(client, proxy), "stream_interrupted")
+        assert_ended_with_one_error(await read_stream(client, proxy), "stream_idle_timeout")
+        await asyncio.sleep(0.1)
+        assert kept() == []
+    finally:
+        gc.enable()
 
 
 async def test_an_end_without_done_or_finish_reason_ends_with_one_error_event(proxy, upstream, client):

@@ -399,6 +399,15 @@ def continued(chunks: list[str], received: Received, restate: int = 0) -> list[s
     return chunks
 
 
+def _case_of(received: Received) -> str | None:
+    """The case a request's first message names (`CASE: <case>`): which of many scripts it follows."""
+    messages = _json_or_empty(received.body).get("messages")
+    first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+    content = first.get("content")
+    match = re.search(r"CASE: (\S+)", content) if isinstance(content, str) else None
+    return match.group(1) if match else None
+
+
 def _assistant_start(received: Received) -> str | None:
     messages = _json_or_empty(received.body).get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -443,9 +452,11 @@ class FaultyUpstream:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
-    def script(self, endpoint: str, *faults) -> None:
-        """The next requests to `endpoint` (e.g. "chat/completions", "models") get these answers in order."""
-        self._scripts.setdefault(endpoint, deque()).extend(faults)
+    def script(self, endpoint: str, *faults, case: str | None = None) -> None:
+        """The next requests to `endpoint` (e.g. "chat/completions", "models") get these answers in order. With
+        `case`, only requests whose first message says that case (`CASE: <case>` in its content) do: many clients at
+        once, each request with a script of its own, its retries and continuations included."""
+        self._scripts.setdefault(endpoint if case is None else f"{endpoint}#{case}", deque()).extend(faults)
 
     def always(self, endpoint: str, fault) -> None:
         """Once its script is used up, `endpoint` answers with `fault` (None: the good answer again)."""
@@ -479,7 +490,7 @@ class FaultyUpstream:
         received = Received(request.method, request.path_qs, dict(request.headers), await request.read())
         self.received.append(received)
         try:
-            answer = await self._fault_for(request.path)(request, received)
+            answer = await self._fault_for(request.path, _case_of(received))(request, received)
         except (asyncio.CancelledError, ConnectionResetError):
             received.disconnected_at = time.monotonic()
             raise
@@ -491,11 +502,12 @@ class FaultyUpstream:
         """Requests still being answered: their client has neither had the whole answer nor gone away."""
         return [r for r in self.received if r.answered_at is None and r.disconnected_at is None]
 
-    def _fault_for(self, path: str):
+    def _fault_for(self, path: str, case: str | None):
         # Longest endpoint first: "chat/completions" must not be taken for "completions".
-        for endpoint in sorted(set(self._scripts) | set(self._always), key=len, reverse=True):
+        endpoints = {key.partition("#")[0] for key in self._scripts} | set(self._always)
+        for endpoint in sorted(endpoints, key=len, reverse=True):
             if path.rstrip("/").endswith("/" + endpoint):
-                queue = self._scripts.get(endpoint)
+                queue = self._scripts.get(f"{endpoint}#{case}") or self._scripts.get(endpoint)
                 if queue:
                     return queue.popleft()
                 if endpoint in self._always:
