@@ -15,7 +15,8 @@ ways rotating from round to round. Each request follows a script of its own on t
      5 late first event . the first word after 8 s
      4 early end ........ the stream ends without [DONE] or a finish_reason after 5-100 words
 
-A reply is **whole** when the client read exactly the upstream's whole text, ended by [DONE], with no error event.
+A reply is **whole** when the client read exactly the upstream's whole text, ended by [DONE], with no error event. A
+client gives up after 120 s (SillyTavern itself would wait for ever on a stalled stream).
 Ways: the client straight to the upstream; the proxy with healing off (no resume, no hedging: the proxy before these
 features); with resume but no hedging; and with its defaults. Every proxy is `mitmdump -s addon.py` with the default
 config but `prefill: assistant` (an upstream that continues a trailing assistant message, as OpenRouter and local
@@ -51,7 +52,7 @@ WORDS = split_words(" ".join(f"word{i}" for i in range(120)))
 REPLY = "".join(WORDS)
 CHUNK_DELAY = 0.06
 FIRST_WORD = 1.0
-CLIENT_TIMEOUT = 600
+CLIENT_TIMEOUT = 120  # SillyTavern waits for ever on a stalled stream; here a reply 2 minutes late is a hang
 PROXY_BASE = {"target_proxy": {"prefill": "assistant"}, "health_check": {"interval": 0}}
 WAYS = {
     "direct": None,

@@ -1,4 +1,5 @@
-"""Make docs/mitmweb.png: mitmweb with the addon, a retried request and its attempt flows, in headless Chromium.
+"""Make docs/mitmweb.png: mitmweb with the addon — a retried request and its attempt flows, a stream continued after a
+drop, a hedged request, a plain answer with its tokens — in headless Chromium.
 
     python3 -m venv /tmp/pw && /tmp/pw/bin/pip install playwright aiohttp
     /tmp/pw/bin/python docs/mitmweb_screenshot.py [--mitmweb .venv/bin/mitmweb]
@@ -21,7 +22,7 @@ from playwright.async_api import async_playwright
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file by another venv's python (playwright's)
 
-from seaking.lab.fault_upstream import FaultyUpstream, Status, Stream  # noqa: E402
+from seaking.lab.fault_upstream import Delayed, FaultyUpstream, Hang, Status, Stream  # noqa: E402
 from seaking.lab.harness import free_ports  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -35,7 +36,10 @@ async def main(mitmweb: str, out: Path) -> None:
     await upstream.start()
     proxy_port, web_port = free_ports(2)
     config = Path("/tmp/seaking-screenshot-config.yaml")
-    config.write_text("error_handling: {base_delay: 0.2, max_delay: 0.4}\nhealth_check: {interval: 0}\n")
+    config.write_text(
+        "target_proxy: {prefill: assistant, timeout: 1}\nerror_handling: {base_delay: 0.2, max_delay: 0.4}\n"
+        "health_check: {interval: 0}\n"
+    )
     process = await asyncio.create_subprocess_exec(
         mitmweb, "-s", str(ROOT / "addon.py"), "--mode", f"reverse:{upstream.url}", "--listen-host", "127.0.0.1",
         "--listen-port", str(proxy_port), "--no-web-open-browser", "--web-host", "127.0.0.1", "--web-port", str(web_port),
@@ -44,7 +48,13 @@ async def main(mitmweb: str, out: Path) -> None:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await asyncio.sleep(3)
+        for _ in range(300):  # until mitmweb listens
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
         proxy = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         headers = {"Authorization": "Bearer sk-my-secret-key-123"}
         chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
@@ -52,14 +62,18 @@ async def main(mitmweb: str, out: Path) -> None:
             await (await client.get(f"http://127.0.0.1:{proxy_port}/v1/models", headers=headers)).read()
             upstream.script("chat/completions", Status(503, headers={"Retry-After": "1"}), Status(502))
             await (await client.post(proxy, json=chat, headers=headers)).read()
-            upstream.script("chat/completions", Stream(chunks=["Once", " upon", " a", " time"], delay=0.1, drop_after=2))
+            words = ["Once", " upon", " a", " time", " a", " fox", " lived", " by", " the", " river."]
+            upstream.script("chat/completions", Stream(chunks=words, delay=0.1, drop_after=4), Stream(chunks=words, delay=0.1))
             await (await client.post(proxy, json={**chat, "stream": True}, headers=headers)).read()
+            upstream.script("chat/completions", Delayed(1.6), Hang())  # a slow first attempt, hedged after 1 s: it wins
+            await (await client.post(proxy, json=chat, headers=headers)).read()
+            await (await client.post(proxy, json=chat, headers=headers)).read()
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": 1920, "height": 720})
             await page.goto(f"http://127.0.0.1:{web_port}/?token={PASSWORD}")
-            await page.wait_for_selector("text=3 attempts")
-            await page.click("text=attempt 1 of 3")  # the upstream's first answer: its 503 and Retry-After
+            await page.wait_for_selector("text=answered first")
+            await page.click("text=resumed after a drop")  # the continued stream: what its client was sent
             await page.click("text=Response")
             await page.add_style_tag(content=".col-comment { width: 620px !important; text-align: left !important; }")
             splitter = await page.query_selector(".splitter")  # give the list the room its comments need

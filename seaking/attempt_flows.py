@@ -223,8 +223,9 @@ def describe_attempt(summary: AttemptRecord, number: int, total: int, outcome: s
     joiner = " " if outcome.startswith("→") else ", "
     which = f" (continuation {summary.continuation})" if summary.continuation else ""
     text = f"attempt {number} of {total}{which}: {summary.label}{joiner}{outcome}"
-    if summary.detail:
-        text += f" ({summary.detail})"
+    detail = summary.detail.removeprefix("closed: ") if outcome == "→ closed" else summary.detail
+    if detail:
+        text += f" ({detail})"
     if summary.wait_before >= 0.05:
         text += f" after waiting {summary.wait_before:.1f} s"
     return text

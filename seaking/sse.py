@@ -62,6 +62,17 @@ class SseFramer:
         self._buffer = buffer[start:]
         return events
 
+    def end(self) -> list[SseEvent]:
+        """The stream has ended: an event its last byte completed ("\r\r", a CR CR blank line) is whole now. What
+        is left after it is an event that never ended: dropped, as the SSE standard says."""
+        if not self._buffer.endswith(b"\r"):
+            return []
+        events = self.feed(b"\n")  # a CRLF would have come by now: the CR alone ends the line
+        if events:
+            last = events[-1]
+            events[-1] = parse_event(last.raw[:-1])  # without the LF that was never sent
+        return events
+
 
 def event_bytes(data: bytes, name: str | None = None) -> bytes:
     """One event, as the proxy writes it."""

@@ -215,15 +215,16 @@ async def read_first_event(
                 if overdue is None or overdue.is_set():
                     raise
                 continue  # the window has passed: overdue now
-            if not chunk:
-                break
+            new_events = framer.feed(chunk) if chunk else framer.end()
             prefetched += chunk
-            new = [(event, read(api, event)) for event in framer.feed(chunk)]
+            new = [(event, read(api, event)) for event in new_events]
             for event, facts in new:
                 if facts.error and not reply.has_content:
                     error_first = error_first or event.data
                 reply.add(facts)
             events += new
+            if not chunk:
+                break
             if any(event.data is not None for event, _ in new):  # signs of life
                 window_start = time.monotonic()
                 window = min(silence, deadline_at - window_start)
@@ -335,6 +336,8 @@ class Pipe:
                             yield event, self._followed(event)
                     break
                 if not chunk:
+                    for event in stream.framer.end():
+                        yield event, self._followed(event)
                     break
                 stream.keep(chunk)
                 for event in stream.framer.feed(chunk):

@@ -70,7 +70,7 @@ async def test_a_later_attempt_may_win_too(proxy_factory, upstream, client):
     assert [a["verdict"] for a in attempts] == ["retry", "success"]
     assert attempts[0]["detail"] == "closed: attempt 2 answered first"
     hedged, won = sorted(proxy.attempt_flows, key=lambda f: f.metadata["seaking"]["attempt"])
-    assert "closed: attempt 2 answered first" in hedged.comment and hedged.error.msg.startswith("closed: attempt 2")
+    assert hedged.comment.endswith("→ closed (attempt 2 answered first)") and hedged.error.msg.startswith("closed: attempt 2")
     assert won.comment.startswith("attempt 2 of 2: 200 → success, answered first")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -146,3 +147,27 @@ def test_a_list_another_process_wrote_is_found_without_a_restart(tmp_path):
     theirs.put("http://a/v1/models", b'{"data": ["newer"]}')
     assert mine.get("http://b/v1/models").body == b'{"data": ["b"]}'
     assert mine.get("http://a/v1/models").body == b'{"data": ["newer"]}'
+
+
+async def test_a_client_gone_while_its_answer_is_written_ends_the_job_quietly(relay, client, monkeypatch, caplog):
+    """Under load a write can meet mitmproxy's side already closing (the client left) before the handler is
+    cancelled: aiohttp raises ClientConnectionResetError. The relay's handler ends there, quietly, and closes the job."""
+    from aiohttp import ClientConnectionResetError, web
+
+    written = []
+
+    async def write(self, data):
+        written.append(data)
+        if len(written) == 2:
+            raise ClientConnectionResetError("Cannot write to closing transport")
+
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    closed = asyncio.Event()
+    token = relay.register(Job(200, [], [b"a", b"b", b"c"], on_close=closed.set))
+    url = f"http://127.0.0.1:{relay.port}/v1/chat/completions"
+    with contextlib.suppress(Exception):
+        async with client.get(url, headers={TOKEN_HEADER: token}) as response:
+            await response.read()
+    await asyncio.wait_for(closed.wait(), 2)
+    assert written == [b"a", b"b"]
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text

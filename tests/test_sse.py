@@ -231,3 +231,13 @@ def test_the_dialect_of_a_request():
     assert dialect_for("chat/completions", Headers(authorization="Bearer x")) is OPENAI
     # The endpoint decides where it is one API's: an OpenAI stream never gets Anthropic's `event: error`.
     assert dialect_for("chat/completions", Headers(**{"anthropic-version": "2023-06-01"})) is OPENAI
+
+
+def test_an_event_ended_by_cr_cr_at_the_very_end_of_a_stream_is_whole():
+    """Found by Hypothesis: with CR line endings the framer waits for the byte after a CR (it may begin a CRLF), so the
+    stream's last event came out only at its end."""
+    framer = SseFramer()
+    assert framer.feed(b'event: ping\rdata: {"type": "ping"}\r\r') == []
+    [event] = framer.end()
+    assert event.raw == b'event: ping\rdata: {"type": "ping"}\r\r' and event.name == "ping" and framer.end() == []
+    assert SseFramer().end() == []
