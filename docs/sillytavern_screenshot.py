@@ -144,6 +144,7 @@ async def main(mitmdump: str, out: Path) -> int:
         print(f"upstream {upstream.url}, proxy {proxy_url}, SillyTavern {st_url} (data in {workdir})")
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = None
             try:
                 page = await browser.new_page(viewport={"width": 1280, "height": 800})
                 page.set_default_timeout(30_000)
@@ -167,8 +168,10 @@ async def main(mitmdump: str, out: Path) -> int:
                 toasts = await page.locator("#toast-container .toast-error:visible").all_inner_texts()
                 await page.screenshot(path=str(out))
             except Exception:
-                await page.screenshot(path=str(workdir / "failed.png"))
-                print(f"failed; the page as it was: {workdir / 'failed.png'}, SillyTavern's log: {workdir / 'sillytavern.log'}")
+                if page is not None:
+                    await page.screenshot(path=str(workdir / "failed.png"))
+                    print(f"failed; the page as it was: {workdir / 'failed.png'}")
+                print(f"SillyTavern's log: {workdir / 'sillytavern.log'}")
                 raise
             finally:
                 await browser.close()
