@@ -60,8 +60,7 @@ class StreamAnswer:
     def __init__(self, call: Call, run: asyncio.Task[UpstreamResult], shutdown: ShutdownSignal) -> None:
         self.call = call
         self._runs = [run]  # the request's run, then one per continuation: ours to end
-        self._results: list[UpstreamResult] = []  # taken from the runs once they are over: ours to close
-        self._taken: set[asyncio.Task] = set()  # the runs whose result is in _results
+        self._results: dict[asyncio.Task, UpstreamResult] = {}  # taken from the runs once they are over: ours to close
         self._grace_over = shutdown.grace_over
         self._whole: http.Response | None = None  # an answer sent whole instead of a stream
         self._committed = False  # answered 200 with heartbeats before the run ended
@@ -98,13 +97,22 @@ class StreamAnswer:
         if self._whole is not None:
             yield self._whole.raw_content or b""
             return
-        client = ClientStream(self.call.api)
-        if self._committed:
-            async for chunk in self._until_the_first_run_ends(client):
-                yield chunk
-        if self._results and self._results[0].stream is not None:
-            async for chunk in self._relay(self._results[0].stream, client):
-                yield chunk
+        call = self.call
+        client = ClientStream(call.api)
+        try:
+            if self._committed:
+                async for chunk in self._until_the_first_run_ends(client):
+                    yield chunk
+            first = self._results.get(self._runs[0])
+            if first is not None and first.stream is not None:
+                async for chunk in self._relay(first.stream, client):
+                    yield chunk
+        except Exception:  # a bug of ours mid-stream: the client still gets one error event and a clean end
+            logger.exception(f"{call.flow.request.method} {call.flow.request.path}: seaking-proxy failed mid-stream")
+            yield self._end(client, INTERNAL_ERROR)
+        finally:
+            call.record.reply_chars = client.reply.chars
+            call.record.duration = round(time.time() - call.started, 3)
 
     async def aclose(self) -> None:
         """Whatever happened: every run ends, and every upstream stream they brought (read or not) is closed."""
@@ -112,13 +120,13 @@ class StreamAnswer:
             if not run.done():
                 run.cancel()
                 await asyncio.wait({run})  # a cancelled run closes what it opened
-            if run.cancelled() or run in self._taken:
+            if run.cancelled() or run in self._results:
                 continue
             if run.exception() is not None:  # a bug in the run, and nobody was there to answer for it
                 logger.error("seaking-proxy's upstream run failed", exc_info=run.exception())
             else:
                 self._take(run)  # it was over before anyone took its result
-        for result in self._results:
+        for result in self._results.values():
             await result.aclose()
 
     # --- the stream ------------------------------------------------------------------------------------------------
@@ -149,46 +157,37 @@ class StreamAnswer:
         """The upstream's events to the client, each continuation's spliced in after a break, and one clean end."""
         call, api = self.call, self.call.api
         splicer: Splicer | None = None
-        try:
-            while True:
-                pipe = Pipe(stream, call.config.streaming.idle_timeout, self._grace_over)
-                held = None  # the upstream's error event after content: held back while the reply may go on
-                async for event, facts in pipe:
-                    if facts.error and client.reply.has_content and self._continuable(client) is None:
-                        held = event
-                        continue
-                    if splicer is None:
-                        yield client.sent(event.raw, facts)
-                    else:
-                        for raw in splicer.splice(event, facts):
-                            yield client.sent(raw, read(api, parse_event(raw)))
-                if splicer is not None:
-                    for raw in splicer.flush():
+        while True:
+            pipe = Pipe(stream, call.config.streaming.idle_timeout, self._grace_over)
+            held = None  # the upstream's error event after content: held back while the reply may go on
+            async for event, facts in pipe:
+                if facts.error and client.reply.has_content and self._continuable(client) is None:
+                    held = event
+                    continue
+                if splicer is None:
+                    yield client.sent(event.raw, facts)
+                else:
+                    for raw in splicer.splice(event, facts):
                         yield client.sent(raw, read(api, parse_event(raw)))
-                self._count_tokens(stream)
-                problem = self._break(pipe, stream, held)
-                if problem is None:
-                    break
-                continued = None
-                if problem.code in CONTINUED_AFTER:
-                    async for chunk in self._continue(client, problem):
-                        if isinstance(chunk, bytes):
-                            yield chunk
-                        else:
-                            continued = chunk
-                if continued is None:
-                    if held is not None:
-                        yield client.sent(held.raw, read(api, held))  # the upstream's own words on what went wrong
-                    yield self._end(client, problem)
-                    return
-                stream, splicer = continued, splicer_for(api, client.reply)
-            yield self._end(client, None)
-        except Exception:  # a bug of ours mid-stream: the client still gets one error event and a clean end
-            logger.exception(f"{call.flow.request.method} {call.flow.request.path}: seaking-proxy failed mid-stream")
-            yield self._end(client, INTERNAL_ERROR)
-        finally:
-            call.record.reply_chars = client.reply.chars
-            call.record.duration = round(time.time() - call.started, 3)
+            if splicer is not None:
+                for raw in splicer.flush():
+                    yield client.sent(raw, read(api, parse_event(raw)))
+            self._count_tokens(stream)
+            problem = self._break(pipe, stream, held)
+            if problem is None:
+                break
+            task, resume = self._start_continuation(client, problem) if problem.code in CONTINUED_AFTER else (None, None)
+            if task is not None:
+                async for chunk in self._heartbeats_until(task):  # the client waits for its reply to go on
+                    yield chunk
+            continued = self._continued(task, resume) if task is not None else None
+            if continued is None:
+                if held is not None:
+                    yield client.sent(held.raw, read(api, held))  # the upstream's own words on what went wrong
+                yield self._end(client, problem)
+                return
+            stream, splicer = continued, splicer_for(api, client.reply)
+        yield self._end(client, None)
 
     def _break(self, pipe: Pipe, stream: UpstreamStream, held) -> ProxyError | None:
         """Why the upstream's part of the stream ended before the reply was complete; None if it was complete."""
@@ -229,38 +228,39 @@ class StreamAnswer:
             return "the request body is not JSON"
         return why_not_continued(request, call.api, client.reply) if isinstance(request, dict) else "not a JSON object"
 
-    async def _continue(self, client: ClientStream, problem: ProxyError) -> AsyncIterator[bytes | UpstreamStream]:
-        """Ask the upstream to continue the reply: heartbeats while it runs, then its stream (the last item), or
-        nothing when it cannot be continued. The resume is recorded either way."""
+    def _start_continuation(self, client: ClientStream, problem: ProxyError) -> tuple[asyncio.Task | None, ResumeRecord | None]:
+        """Ask the upstream to continue the reply, if it can be: the continuation's run, and the resume's record
+        (which says why not, when it cannot be)."""
         call = self.call
         continuation = Continuation(client.reply.text, client.reply.tokens_generated(), len(call.record.resumes) + 1)
         run = call.new_run(dataclasses.replace(call.upstream_request, continuation=continuation))
         if not call.config.streaming.resume or not run.can_start():
-            return  # turned off, or no target takes a prefill (prefill: none, or refused before): nothing to say
+            return None, None  # turned off, or no target takes a prefill (prefill: none, or refused before)
         record = ResumeRecord(problem.code, client.reply.chars, ResumeOutcome.NOT_POSSIBLE)
         call.record.resumes.append(record)
         record.detail = self._continuable(client) or ""
-        if record.detail:
-            return
         budget = call.snapshot.failover.budget
-        if budget is not None and not budget.try_spend():
+        if not record.detail and budget is not None and not budget.try_spend():
             record.detail = "the retry budget is spent"
-            return
+        if record.detail:
+            return None, record
         logger.info(f"{call.flow.request.method} {call.primary.url}: {problem.message} Asking the upstream to continue it.")
         task = asyncio.create_task(run.result())
         self._runs.append(task)
         self._continuations += 1
-        async for chunk in self._heartbeats_until(task):
-            yield chunk
+        return task, record
+
+    def _continued(self, task: asyncio.Task, record: ResumeRecord) -> UpstreamStream | None:
+        """The continuation's stream, now relayed; None when it failed (recorded, and remembered if refused)."""
+        call = self.call
         if not task.done():  # the grace period is over
             record.outcome, record.detail = ResumeOutcome.FAILED, "the proxy is shutting down"
-            return
+            return None
         result = self._take(task)
         self._relayed = call.note_continuation(result)
         if result.stream is not None:
             record.outcome = ResumeOutcome.CONTINUED
-            yield result.stream
-            return
+            return result.stream
         last = result.last
         record.outcome, record.detail = ResumeOutcome.FAILED, scrub(last.classification.detail, call.secrets)
         if last.classification.verdict is not Verdict.RETRY and last.status in PREFILL_REFUSED:
@@ -270,6 +270,7 @@ class StreamAnswer:
                 f"{last.target.host} refused a continuation of a reply for {last.model} ({last.status}): "
                 "not asked again until the config is reloaded"
             )
+        return None
 
     # --- helpers --------------------------------------------------------------------------------------------------
 
@@ -288,9 +289,7 @@ class StreamAnswer:
 
     def _take(self, run: asyncio.Task[UpstreamResult]) -> UpstreamResult:
         """A run's result (it must be over), now ours to close."""
-        result = run.result()
-        self._taken.add(run)
-        self._results.append(result)
+        result = self._results[run] = run.result()
         return result
 
     def _answer_whole(self, response: http.Response) -> Head:
