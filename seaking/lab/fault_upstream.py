@@ -172,13 +172,7 @@ class Stream:
         chunks = continued(self.chunks, received, self.restate)
         await asyncio.sleep(self.first_event_after)
         for index, text in enumerate(chunks):
-            if index == self.drop_after:
-                request.transport.close()
-                raise asyncio.CancelledError
-            if index == self.stall_after:
-                await asyncio.sleep(3600)
-            if index and self.delay:
-                await asyncio.sleep(self.delay)
+            await _before_chunk(self, index, request)
             await response.write(sse(tool_call_chunk(text, model, index) if self.tool_call else chunk(text, model, index)))
         if self.finish_reason is not None:
             await response.write(sse(chunk("", model, len(chunks), finish_reason=self.finish_reason)))
@@ -230,17 +224,11 @@ class MessageStream:
             if self.ping_every:
                 await response.write(named("ping", {"type": "ping"}))
         for index, text in enumerate(chunks):
-            if index == self.drop_after:
-                request.transport.close()
-                raise asyncio.CancelledError
-            if index == self.stall_after:
-                await asyncio.sleep(3600)
             if index == self.error_after:
                 await response.write(named("error", anthropic_error(529, "Overloaded")))
                 await response.write_eof()
                 return response
-            if index and self.delay:
-                await asyncio.sleep(self.delay)
+            await _before_chunk(self, index, request)
             piece = {"type": "input_json_delta", "partial_json": text} if self.tool_use else {"type": "text_delta", "text": text}
             await response.write(named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": piece}))
         await response.write(named("content_block_stop", {"type": "content_block_stop", "index": 0}))
@@ -250,6 +238,17 @@ class MessageStream:
             await response.write(named("message_stop", {"type": "message_stop"}))
         await response.write_eof()
         return response
+
+
+async def _before_chunk(stream: Stream | MessageStream, index: int, request: web.Request) -> None:
+    """A stream's faults before its chunk `index`: a drop, a stall, or its pace."""
+    if index == stream.drop_after:
+        request.transport.close()
+        raise asyncio.CancelledError  # nothing may be written after this
+    if index == stream.stall_after:
+        await asyncio.sleep(3600)
+    if index and stream.delay:
+        await asyncio.sleep(stream.delay)
 
 
 @dataclass
