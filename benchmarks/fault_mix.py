@@ -24,8 +24,10 @@ servers do). The same round also streams 48 good replies through the proxy with 
 the goal compares with (p95 time to a whole reply at most 3 × the fault-free p95).
 
 Two sweeps follow the rounds, each run once per setting: the stall cases alone with idle_timeout 5, 10, 15, 20 and 30 s
-(what a stall costs), and a stuck first attempt (no first event ever; the second attempt is good) with hedging on and
-off and first_event_timeout 15, 30 and 60 s (what the per-try timeout costs). --quick: one round, no sweeps.
+(what a stall costs); and a stuck first attempt (no first event ever; the second attempt is good), a slow first attempt
+(first event after 20 s; the second is good) and an upstream slow for everyone (every attempt's first event after 20 s),
+with hedging on and off and first_event_timeout 15, 30 and 60 s (what the per-try timeout costs). --quick: one round,
+no sweeps; --sweeps-only: the sweeps again, the rounds from the report's .json.
 """
 
 from __future__ import annotations
@@ -226,17 +228,19 @@ async def idle_sweep(seed: int, workdir: Path) -> dict:
 async def first_event_sweep(workdir: Path) -> dict:
     """A stuck first attempt (headers, then never a first event), the second attempt good: with hedging on and off,
     and each first_event_timeout. The first attempt is stuck, so hedging only adds the wait for it to be closed."""
-    stuck = [("stuck first attempt", [Stream(chunks=WORDS, first_event_after=3600), good()])] * 4
-    slow = [("first event after 20 s", [Stream(chunks=WORDS, delay=CHUNK_DELAY, first_event_after=20), good()])] * 4
+    slow_start = Stream(chunks=WORDS, delay=CHUNK_DELAY, first_event_after=20)
+    cases = [("stuck first attempt", [Stream(chunks=WORDS, first_event_after=3600), good()])] * 4
+    cases += [("slow first attempt", [slow_start, good()])] * 4
+    cases += [("slow every attempt", [slow_start] * 5)] * 4  # an upstream slow for everyone
     found = {}
     for timeout in (15, 30, 60):
         for hedging in (True, False):
             key = f"first_event_timeout {timeout} s, hedging {'on' if hedging else 'off'}"
             print(f"{key} ...", flush=True)
             overrides = {"streaming": {"first_event_timeout": timeout}, "error_handling": {"hedge_on_timeout": hedging}}
-            result = await run(key, overrides, stuck + slow, workdir)
+            result = await run(key, overrides, cases, workdir)
             found[key] = {kind: summary(Run(key, [r for r in result.results if r.kind == kind]), None)
-                          for kind in ("stuck first attempt", "first event after 20 s")}
+                          for kind in dict(cases)}
     return found
 
 
@@ -282,21 +286,26 @@ def report(raw: dict, idle: dict, first_event: dict, count: int) -> str:
         for setting, s in idle.items():
             lines.append(f"| {setting} s | {s['whole_rate'] * 100:g} % | {s['p50_s']} | {s['p95_s']} | {s['max_s']} |")
     if first_event:
-        lines += ["", "What the per-try timeout costs: a stuck first attempt (never a first event), and a slow one (its "
-                  "first event after 20 s), each followed by a good attempt.", "",
-                  "| setting | stuck: whole, p50 s | slow: whole, p50 s |", "| --- | --- | --- |"]
+        lines += ["", "What the per-try timeout costs: a stuck first attempt (never a first event) then a good one; a slow "
+                  "first attempt (its first event after 20 s) then a good one; and an upstream slow for everyone (every "
+                  "attempt's first event after 20 s). Whole replies, and the median time to one.", "",
+                  "| setting | stuck first attempt | slow first attempt | slow every attempt |", "| --- | --- | --- | --- |"]
         for setting, kinds in first_event.items():
-            stuck, slow = kinds["stuck first attempt"], kinds["first event after 20 s"]
-            lines.append(f"| {setting} | {stuck['whole_rate'] * 100:g} %, {stuck['p50_s']} | {slow['whole_rate'] * 100:g} %, {slow['p50_s']} |")
+            cells = [f"{k['whole_rate'] * 100:g} %, {k['p50_s'] if k['p50_s'] is not None else '—'} s" for k in kinds.values()]
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="seaking-fault-mix-") as workdir:
-        raw = await rounds(1 if args.quick else args.rounds, args.seed, Path(workdir))
+        if args.sweeps_only:  # the rounds of the report written before
+            earlier = json.loads(args.out.with_suffix(".json").read_text())
+            raw, count = earlier["rounds"], len(next(iter(earlier["rounds"].values())))
+        else:
+            count = 1 if args.quick else args.rounds
+            raw = await rounds(count, args.seed, Path(workdir))
         idle = {} if args.quick else await idle_sweep(args.seed, Path(workdir))
         first_event = {} if args.quick else await first_event_sweep(Path(workdir))
-    count = 1 if args.quick else args.rounds
     text = report(raw, idle, first_event, count)
     print(text)
     if args.out:
@@ -310,6 +319,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="one round, no sweeps")
     parser.add_argument("--out", type=Path, help="write the report here (and its data beside it, .json)")
+    parser.add_argument("--sweeps-only", action="store_true", help="run the sweeps again, the rounds taken from --out's .json")
     asyncio.run(main_async(parser.parse_args()))
 
 

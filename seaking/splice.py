@@ -39,22 +39,25 @@ class Seam:
         that *genuinely* repeats three or more words exactly at the point where the stream happened to break is far
         rarer than a model restating its prefill, and shorter repeats ("ha ha", "no, no") are never touched: the rule
         errs on keeping text.
-      - whitespace doubled: what the client already has beyond the text the upstream was given (Anthropic's prefill
-        must not end in whitespace, so " " or "\\n" after the last word was trimmed from it), when the continuation
-        starts with that same whitespace.
+      - whitespace doubled: what the client already has beyond the text the upstream was given (`trimmed`:
+        Anthropic's prefill must not end in whitespace, so " " or "\\n" after the last word was trimmed from it), when
+        the continuation starts with that same whitespace; after a restatement, the whitespace the client has after
+        the restated words.
     The continuation's text is held back only while it could still turn out to be a restatement."""
 
-    def __init__(self, client_text: str) -> None:
+    def __init__(self, client_text: str, trimmed: bool) -> None:
         self.core = client_text.rstrip()
-        self.dangling = client_text[len(self.core):]  # whitespace the client has after the last word
+        self.after_core = client_text[len(self.core):]  # whitespace the client has after the last word
+        self.dangling = self.after_core if trimmed else ""  # of that, what the upstream was not given
         self._candidates = _restatements(self.core)
         self._held = ""
+        self._skip = ""  # whitespace the client has already: left out if the continuation's text goes on with it
         self.decided = not self._candidates and not self.dangling
 
     def feed(self, text: str) -> str:
         """The continuation's next text; what of it may go to the client now."""
         if self.decided:
-            return text
+            return self._without_doubled_whitespace(text) if self._skip else text
         self._held += text
         start = self._held.lstrip()
         if not start or any(len(c) > len(start) and c.startswith(start) for c in self._candidates):
@@ -69,11 +72,16 @@ class Seam:
         held, self._held = self._held, ""
         start = held.lstrip()
         restated = max((c for c in self._candidates if start.startswith(c)), key=len, default=None)
-        rest = start[len(restated):] if restated else held
+        rest, self._skip = (start[len(restated):], self.after_core) if restated else (held, self.dangling)
+        return self._without_doubled_whitespace(rest)
+
+    def _without_doubled_whitespace(self, text: str) -> str:
         shared = 0
-        while shared < min(len(rest), len(self.dangling)) and rest[shared] == self.dangling[shared]:
+        while shared < min(len(text), len(self._skip)) and text[shared] == self._skip[shared]:
             shared += 1
-        return rest[shared:]
+        # All of it was whitespace the client has: what is left of that may still come in the next text.
+        self._skip = self._skip[shared:] if shared == len(text) else ""
+        return text[shared:]
 
 
 def _restatements(text: str) -> list[str]:
@@ -94,7 +102,7 @@ class Splicer(abc.ABC):
     def __init__(self, api: Dialect, client: Reply) -> None:
         self.api = api
         self.client = client  # what the client has been sent (read when the splice starts)
-        self.seam = Seam(client.text)
+        self.seam = Seam(client.text, trimmed=api is ANTHROPIC)  # as resume.Continuation sends it
         self.tokens_before = client.tokens_generated()
 
     @abc.abstractmethod

@@ -167,11 +167,12 @@ def test_the_clients_text_is_the_upstreams_whole_text_whatever_the_cut_and_the_s
         assume(len(prefill.split()) >= words and len(restatement) >= MIN_RESTATED_CHARS)
         # The restated words begin at a word boundary of what the client has.
         assume(prefill.rstrip().endswith(restatement) and prefill.rstrip()[: -len(restatement)][-1:].isspace())
-        continuation = " " + restatement + continuation
+        # The model says the last words again, then goes on from them: with the text that followed them.
+        continuation = " " + restatement + whole[len(prefill.rstrip()):]
     else:
         # Without a restatement, the rule must leave the continuation alone: unless its start happens to repeat the
         # last three-plus words exactly, which is what the rule removes (and what is too rare to matter in real text).
-        seam = Seam(client.reply.text)
+        seam = Seam(client.reply.text, trimmed=api is ANTHROPIC)
         assume(not any(continuation.lstrip().startswith(c) for c in seam._candidates))
     splicer = splicer_for(api, client.reply)
     stream = (openai_stream if api is OPENAI else anthropic_stream)(pieces_of(continuation, data.draw), complete=True)
@@ -191,6 +192,6 @@ def test_a_short_repeat_at_the_seam_is_never_removed(text, words):
     """Fewer than MIN_RESTATED_WORDS words repeated at the seam are the reply's own words: kept."""
     assume(words < MIN_RESTATED_WORDS and len(text.split()) >= words)
     repeat = (" " + restated(text.rstrip(), words)) if words else ""
-    seam = Seam(text.rstrip())
+    seam = Seam(text.rstrip(), trimmed=False)
     out = seam.feed(repeat + " and on") + seam.flush()
     assert out == repeat + " and on"

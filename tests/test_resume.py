@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import call
 from seaking.lab.fault_upstream import Hang, MessageStream, PrefillRefused, Status, Stream, split_words
+from seaking.splice import Seam
 from test_anthropic import STREAM_MESSAGE, read_events
 from test_streaming import STREAM_CHAT, read_stream
 
@@ -248,3 +249,18 @@ def _received_as(flow):
             return json.loads(flow.request.content)
 
     return Sent()
+
+
+def test_an_untrimmed_prefills_whitespace_is_the_continuations_own():
+    """Found by Hypothesis: an OpenAI-shape prefill goes upstream whole, trailing newline included, so a continuation
+    that starts with a newline means a second one (a paragraph), not the first one again."""
+    seam = Seam("000\n", trimmed=False)
+    assert seam.feed("\n0 0") + seam.flush() == "\n0 0"
+    claude = Seam("Once upon ", trimmed=True)  # Anthropic's prefill went without its trailing space
+    assert claude.feed(" a time") + claude.flush() == "a time"
+
+
+def test_whitespace_after_a_restatement_is_not_doubled_when_it_comes_in_the_next_delta():
+    """Found by Hypothesis: the restated words ended one delta, the space after them began the next."""
+    seam = Seam("000 0000 00000 000000 0 ", trimmed=False)
+    assert seam.feed(" 00000 000000 0") == "" and seam.feed(" 0") + seam.flush() == "0"
