@@ -83,7 +83,9 @@ class ModelsSection:
 
 @dataclass(frozen=True)
 class StreamingSection:
-    first_event_timeout: float = field(default=60, metadata=_range(low=0.001))  # response headers -> first event
+    # Response headers -> first content. With hedging a slow stream is never thrown away, so a stuck one may be given
+    # company sooner (docs/streaming.md, benchmarks/fault_mix.py).
+    first_event_timeout: float = field(default=30, metadata=_range(low=0.001))
     # The longest silence once streaming. A stream that stalls is continued where it broke (resume), so a stall need
     # not cost a minute; healthy streams send something far more often (docs/streaming.md, benchmarks/fault_mix.py).
     idle_timeout: float = field(default=15, metadata=_range(low=0.001))
