@@ -11,12 +11,14 @@ would pass the request's deadline.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import enum
 import json
 import math
 import random
 import re
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -100,7 +102,7 @@ def classify_response(
         return Classification(Verdict.RETRY, f"upstream answered {status} with an empty body", Failure.BROKEN)
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return Classification(Verdict.RETRY, f"upstream answered {status} with a body that is not JSON", Failure.BROKEN)
     if isinstance(document, dict) and (document.get("error") or document.get("type") == "error"):  # OpenAI's, Anthropic's
         return Classification(
@@ -124,11 +126,9 @@ _MODEL_TROUBLE = re.compile(
 def says_model_unavailable(body: bytes) -> bool:
     """Whether an error body says the model is missing or overloaded, so that another model may do better."""
     try:
-        document = json.loads(body)
-    except ValueError:
+        text = json.dumps(json.loads(body))[:2000]
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         text = body[:2000].decode("utf-8", "replace")
-    else:
-        text = json.dumps(document)[:2000]
     return bool(_MODEL_TROUBLE.search(text))
 
 
@@ -137,13 +137,20 @@ def error_message(document: Mapping) -> str:
     error = document.get("error")
     if isinstance(error, Mapping):
         message = error.get("message") or error.get("code") or error.get("type")
-        return str(message) if message else json.dumps(error)[:200]
+        return str(message) if message else _as_json(error)
     if isinstance(error, str):
         return error
     for key in ("message", "detail"):
         if isinstance(document.get(key), str):
             return document[key]
-    return json.dumps(document)[:200]
+    return _as_json(document)
+
+
+def _as_json(value: object) -> str:
+    try:
+        return json.dumps(value)[:200]
+    except RecursionError:  # json.loads took it, a few frames less deep
+        return "(nested too deeply to show)"
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -151,23 +158,36 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     lowered = {k.lower(): v for k, v in headers.items()}
     if "retry-after-ms" in lowered:
         try:
-            return _non_negative(float(lowered["retry-after-ms"]) / 1000)
+            return _delay(lowered["retry-after-ms"], 1000)
         except ValueError:
             pass
     value = lowered.get("retry-after")
     if value is None:
         return None
     try:
-        return _non_negative(float(value))
+        return _delay(value, 1)
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when is not None and when.tzinfo is None and _ASCTIME.match(value.strip()):
+        when = when.replace(tzinfo=datetime.timezone.utc)  # HTTP's third date form: no zone, GMT by definition
     if when is None or when.tzinfo is None:
         return None
     return _non_negative(when.timestamp() - (time.time() if now is None else now))
+
+
+_ASCTIME = re.compile(r"[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d\d:\d\d:\d\d \d{4}$")  # Sun Nov  6 08:49:37 1994
+
+
+def _delay(value: str, per_second: int) -> float | None:
+    """A number of seconds (or milliseconds); ValueError when it is not a number."""
+    seconds = float(value) / per_second
+    if seconds == math.inf and value.strip().isdigit():  # digits beyond a float: a wait past any deadline, not none
+        return sys.float_info.max
+    return _non_negative(seconds)
 
 
 def _non_negative(seconds: float) -> float | None:
@@ -215,7 +235,7 @@ class wait_full_jitter(wait_base):
         try:
             ceiling = min(self.cap, self.base * self.multiplier**exponent)
         except OverflowError:
-            ceiling = self.cap
+            ceiling = self.cap if self.base else 0.0  # no base delay: no wait, however many rounds
         return random.uniform(0, ceiling)
 
 

@@ -173,9 +173,12 @@ def load_config(path: str | os.PathLike, environ: Mapping[str, str] = os.environ
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"seaking_config: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"seaking_config: {path} is not UTF-8 text: {e}") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    # ValueError: an integer of more than 4300 digits (Python's limit); RecursionError: nesting deeper than the parser goes
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
         raise ConfigError(f"seaking_config: {path} is not valid YAML: {e}") from None
     return parse_config(raw if raw is not None else {}, environ)
 
@@ -183,9 +186,12 @@ def load_config(path: str | os.PathLike, environ: Mapping[str, str] = os.environ
 def parse_config(raw: object, environ: Mapping[str, str] = os.environ) -> Config:
     """Validate a parsed YAML document; environment variables override the keys."""
     config = _build(Config, raw, "", environ)
+    # Messages name the spelling of the base delay the document used.
+    given_alone = config.error_handling.base_delay is None and config.target_proxy.retry_delay is not None
+    delay_key = "target_proxy.retry_delay" if given_alone else "error_handling.base_delay"
     config = _reconcile_twin_keys(config)
     config = _apply_environment(config, environ)
-    _check_relations(config)
+    _check_relations(config, delay_key)
     return config
 
 
@@ -238,7 +244,7 @@ def _check_scalar(key: str, expected: type, value, limits: Mapping, environ: Map
         raise ConfigError(f"{key}: must be {_DESCRIBED[expected]}, got {_type_name(value)} {value!r}")
     if expected is str:
         return _expand_environment(key, value, environ)
-    if expected is float and not math.isfinite(value):
+    if expected is float and not _finite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     low, high = limits.get("low"), limits.get("high")
     if low is not None and value < low:
@@ -246,6 +252,13 @@ def _check_scalar(key: str, expected: type, value, limits: Mapping, environ: Map
     if high is not None and value > high:
         raise ConfigError(f"{key}: must be at most {high:g}, got {value!r}")
     return value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int larger than any float
+        return False
 
 
 def _expand_environment(key: str, value: str, environ: Mapping[str, str]) -> str:
@@ -301,19 +314,29 @@ def _apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
     return config
 
 
-def _check_relations(config: Config) -> None:
+def _check_relations(config: Config, delay_key: str = "error_handling.base_delay") -> None:
     urls = [("target_proxy.url", config.target_proxy.url)] + [(f"targets[{i}].url", t.url) for i, t in enumerate(config.targets)]
     for key, url in urls:
         if url is None:
             continue
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # "[" without "]", a host that NFKC normalization turns into a delimiter
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{key}: must be an http:// or https:// URL with a host, got {url!r}")
+        try:
+            parts.port  # noqa: B018 (targets.py reads it: ValueError for one that is not a number from 0 to 65535)
+        except ValueError:
+            raise ConfigError(f"{key}: has an invalid port, got {url!r}") from None
         if parts.query or parts.fragment:
             raise ConfigError(f"{key}: must not have a query or fragment, got {url!r}")
     proxies = [("target_proxy.proxy", config.target_proxy.proxy)] + [(f"targets[{i}].proxy", t.proxy) for i, t in enumerate(config.targets)]
     for key, proxy in proxies:
-        problem = proxy_problem(proxy) if proxy is not None else None
+        try:
+            problem = proxy_problem(proxy) if proxy is not None else None
+        except ValueError:  # urlsplit's ("[" without "]", ...); not repeating the URL, which may hold a password
+            problem = "is not a URL that can be parsed"
         if problem:
             raise ConfigError(f"{key}: {problem}")
     for model, fallbacks in config.model_fallbacks.items():
@@ -331,7 +354,7 @@ def _check_relations(config: Config) -> None:
         )
     if handling.base_delay > handling.max_delay:
         raise ConfigError(
-            f"error_handling.base_delay ({handling.base_delay:g}) is larger than error_handling.max_delay "
+            f"{delay_key} ({handling.base_delay:g}) is larger than error_handling.max_delay "
             f"({handling.max_delay:g})"
         )
     secrets = [("target_proxy.api_key", config.target_proxy.api_key), ("server.access_key", config.server.access_key)]

@@ -53,6 +53,8 @@ def route(base_url: str, path: str) -> Route:
     API has no other home.
     """
     raw_path, sep, query = path.partition("?")
+    if not raw_path.startswith("/"):  # "*" (OPTIONS *), "@evil.example/...": not glued onto the host
+        raw_path = "/" + raw_path
     suffix = sep + query
     base = urlsplit(base_url)
     origin = f"{base.scheme}://{base.netloc}"

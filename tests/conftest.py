@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 from multidict import CIMultiDict
 from mitmproxy import options
 from mitmproxy.addons.view import View
@@ -21,6 +23,23 @@ import addon
 from seaking.lab.harness import Mitmdump, running_upstreams
 
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+# Property tests (tests/test_properties_*.py). "ci": the same examples on every run (derandomized, no example database),
+# so that a red CI is reproducible and a green one stays green until the code changes; .ci/run sets CI. "dev": more
+# examples, new ones each run, so that local runs keep exploring. HYPOTHESIS_PROFILE=<name> chooses either. No
+# per-example deadline in either: the machines are shared, and these tests are about answers, not speed.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
 
 # Fast retries so that tests take milliseconds; tests that measure waits set their own.
 FAST_POLICY = {
