@@ -1,6 +1,7 @@
 """Chaos soak: the proxy under every fault the fault upstream knows, for minutes, and whether anything else happens.
 
     python -m benchmarks.soak [--minutes 30] [--streams 200] [--seed 1] [--out docs/soak.md] [--workdir DIR]
+                              [--proxy-arg=ARG ...]
 
 Not part of the tests (it runs for minutes by design). What runs, all on 127.0.0.1:
 
@@ -16,7 +17,11 @@ Not part of the tests (it runs for minutes by design). What runs, all on 127.0.0
                20-60 words at 10-40 ms a word; and one request in ten leaves at a random point
   chaos ...... every minute: at 0:20 one upstream (in turn) is killed with SIGKILL and at 0:24 started again on the same
                port; at 0:45 the config file is rewritten (models.fallback toggled) and the proxy reloads it
-  samples .... every 2 s the proxy's resident memory (VmRSS) and open files (/proc/PID/fd)
+  samples .... every 2 s the proxy's resident memory (VmRSS), open files (/proc/PID/fd) and threads
+
+--workdir keeps the proxy's log, each upstream's log (a line per request of a case: which of its requests, what it
+answered) and, in else/, the raw stream of each request that came to anything else (the first 100). --proxy-arg passes
+more arguments to mitmdump (a probe of your own: --proxy-arg=-s --proxy-arg=probe.py).
 
 The proxy's timings are short so that a minute holds many faults: target_proxy.timeout and
 streaming.first_event_timeout 2 s (past them, attempts are hedged), idle_timeout 2 s, heartbeat_interval 3 s,
@@ -466,11 +471,12 @@ class Run:
     seed: int
     t0: float = field(default_factory=time.monotonic)
     outcomes: list[Outcome] = field(default_factory=list)
-    samples: list[tuple[float, float, int]] = field(default_factory=list)  # (t, RSS MiB, open files)
+    samples: list[tuple] = field(default_factory=list)  # (t, RSS MiB, open files, threads)
     events: list[dict] = field(default_factory=list)  # {"t", "what"}
     stop_at: float = 0.0
     workdir: Path | None = None
     kept_else: int = 0  # streams of 'anything else' kept in workdir/else/
+    proxy_args: list[str] = field(default_factory=list)  # more arguments for mitmdump
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -501,11 +507,20 @@ async def client_loop(run: Run, number: int, session: aiohttp.ClientSession, bas
         await asyncio.sleep(rng.uniform(*PAUSE))
 
 
+def threads(pid: int) -> int | None:
+    """The process's threads (glibc gives each thread that allocates an arena of its own)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return None
+
+
 async def sampler(run: Run, pid: int) -> None:
     while True:
         rss = status_kib(pid, "VmRSS")
         if rss is not None:
-            run.samples.append((round(run.clock(), 1), round(rss / 1024, 1), open_files(pid)))
+            run.samples.append((round(run.clock(), 1), round(rss / 1024, 1), open_files(pid), threads(pid)))
         await asyncio.sleep(SAMPLE_EVERY)
 
 
@@ -537,7 +552,7 @@ async def soak(run: Run, workdir: Path) -> dict:
         config_path.write_text(yaml.safe_dump(proxy_config(upstreams.urls, workdir, False)))
         proxy = WatchedMitmdump(
             "--mode", f"reverse:{upstreams.urls[0]}", "--set", f"seaking_config={config_path}",
-            "--set", "flow_detail=0", env={"XDG_CACHE_HOME": str(workdir / "cache")},
+            "--set", "flow_detail=0", *run.proxy_args, env={"XDG_CACHE_HOME": str(workdir / "cache")},
             log_path=workdir / "proxy.log", clock=run.clock,
         )
         url = await proxy.start()
@@ -823,7 +838,7 @@ def draw_plot(data_path: Path, png: Path) -> str:
 
 
 async def main_async(arguments: argparse.Namespace) -> int:
-    run = Run(arguments.minutes, arguments.streams, arguments.seed)
+    run = Run(arguments.minutes, arguments.streams, arguments.seed, proxy_args=arguments.proxy_arg)
     environment = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "revision": git_revision(),
         "minutes": run.minutes, "streams": run.streams, "seed": run.seed, "cpus": os.cpu_count(),
@@ -861,6 +876,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the report here (markdown; its JSON and PNG beside it)")
     parser.add_argument("--workdir", type=Path, help="keep the logs and config here (default: a temporary directory)")
+    parser.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for mitmdump (repeat it), e.g. --proxy-arg=-s --proxy-arg=probe.py")
     sys.exit(asyncio.run(main_async(parser.parse_args())))
 
 

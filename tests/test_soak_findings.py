@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from seaking.attempt import UpstreamRequest
 from seaking.lab.fault_upstream import MessageStream, Stream
+from seaking.upstream_run import UpstreamRun
 from test_anthropic import STREAM_MESSAGE, read_events
 from test_resume import OPENAI_PREFILL, REPLY, WORDS, assert_one_ordinary_claude_reply, assert_one_ordinary_openai_reply
 from test_streaming import STREAM_CHAT, read_stream
@@ -38,3 +40,22 @@ async def test_a_continuation_that_breaks_inside_its_restatement_doubles_nothing
     assert second_continuation["content"] == "".join(WORDS[:6])  # not "...jumps overbrown fox jumps"
     assert read.text == REPLY
     assert_one_ordinary_openai_reply(read)
+
+
+@pytest.mark.xfail(strict=True, raises=UnboundLocalError, reason="soak finding: UpstreamRun.result() with no target")
+async def test_a_run_that_no_target_can_take_ends_with_a_result_not_an_exception(proxy_factory):
+    """The soak's traceback (at 228 s of its 5-minute run, twice): StreamAnswer._continue checks run.can_start(), then
+    starts run.result() in a task; in between, another stream's continuation for the same model was refused by the
+    last target that had not refused it yet (PREFILL_REFUSED, remembered in snapshot.refused_prefill). result() then
+    finds no model with a target it may try, never runs _try_model, and reads `outcome` unassigned: UnboundLocalError,
+    the client's stream ends with proxy_internal_error and the log has a traceback. The race is a few event-loop steps
+    wide; this is its end state, every target refused before result() starts."""
+    proxy = await proxy_factory(OPENAI_PREFILL)
+    snapshot = proxy.shared.snapshot
+    body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+    request = UpstreamRequest("POST", "/v1/chat/completions", [], body, True, model="m", first_event_timeout=2)
+    run = UpstreamRun(proxy.shared.pools, snapshot.config.retry, snapshot.failover, request,
+                      refused=lambda target, model: True)
+    assert not run.can_start()
+    result = await run.result()
+    assert result.stream is None
