@@ -9,6 +9,11 @@ Commands:
   daily_ops.py ....... python -m benchmarks.daily_ops: how quickly a config reload and a shutdown act
   plot.py ............ python -m benchmarks.plot RAW.json OUT.png: the report's chart (needs matplotlib)
   bench_upstream.py .. python -m benchmarks.bench_upstream: the benchmark's upstream, as a process of its own
+  soak.py ............ python -m benchmarks.soak [--minutes 30] [--streams 200]: the chaos soak, every fault at once
+                       with upstreams killed and the config reloaded; writes docs/soak.md, its JSON and PNG (not in
+                       CI: it runs for minutes)
+  soak_upstream.py ... python -m benchmarks.soak_upstream: the soak's upstream process, and the recipe of each case
+  soak_plot.py ....... python -m benchmarks.soak_plot SOAK.json OUT.png: the soak report's chart (needs matplotlib)
 
 The parts of bench.py:
   scenarios.py ....... what one round measures, and the load generator (chat and stream clients)
