@@ -13,6 +13,7 @@ from seaking.exchange import Exchange
 from seaking.flow_notes import FlowNotes
 from seaking.guard import AccessGuard
 from seaking.health import HealthChecks
+from seaking.memory import AllocatorTrim
 from seaking.metrics import Metrics
 from seaking.models_cache import ModelsCache
 from seaking.replays import Replays
@@ -37,6 +38,7 @@ def pipeline() -> list:
         FlowNotes(shared.records),  # response, error: mark and comment for mitmweb, the attempt history in the log
         shared.attempt_flows,  # response, error: upstream attempts loaded as flows of their own
         HealthChecks(shared),  # running .. done: background probes of targets that are down or unknown
+        AllocatorTrim(),  # running .. done: memory freed after bursts given back to the system (glibc)
         shared.relay,  # request: whole answers for flows bound to the relay; responseheaders: show the upstream
         shared.records,  # response, error: each client flow's record written into its metadata, for recordings
     ]

@@ -75,7 +75,7 @@ from pathlib import Path
 
 from benchmarks import litellm_way as litellm_way_module
 from benchmarks.processes import (
-    REPO, WAY_NAMES, Reached, Way, all_ways, raise_open_files_limit, status_kib, upstream, watch_processes,
+    REPO, WAY_NAMES, Reached, Way, all_ways, raise_open_files_limit, run, status_kib, upstream, watch_processes,
 )
 from benchmarks.report import environment, load_average, progress, report
 from benchmarks.scenarios import FAIL_RATE, FAULT_CONCURRENCY, Scenario, applies, run_scenario, scenarios
@@ -207,7 +207,7 @@ def main() -> None:
     env = environment(args.quick, rounds, litellm)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="seaking-bench-") as workdir:
-        raw = asyncio.run(bench(ways, plan, rounds, 400 if args.quick else 1600, Path(workdir), skipped))
+        raw = run(bench(ways, plan, rounds, 400 if args.quick else 1600, Path(workdir), skipped))
     raw["run_seconds"] = round(time.monotonic() - started, 1)
     env["load_average_after"] = load_average()
     names = [w.name for w in ways if w.name not in skipped]

@@ -24,6 +24,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from benchmarks.processes import run
 from seaking.lab.fault_upstream import FaultyUpstream, Stream
 from seaking.lab.harness import Mitmdump
 
@@ -101,4 +102,4 @@ async def main(edits: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=20)
-    asyncio.run(main(parser.parse_args().edits))
+    run(main(parser.parse_args().edits))

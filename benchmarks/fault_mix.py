@@ -45,6 +45,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from benchmarks.processes import run
 from benchmarks.stats import percentile
 from seaking.lab.fault_upstream import Blank, Delayed, FaultyUpstream, Status, Stream, split_words
 from seaking.lab.harness import Mitmdump
@@ -320,7 +321,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round, no sweeps")
     parser.add_argument("--out", type=Path, help="write the report here (and its data beside it, .json)")
     parser.add_argument("--sweeps-only", action="store_true", help="run the sweeps again, the rounds taken from --out's .json")
-    asyncio.run(main_async(parser.parse_args()))
+    run(main_async(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from benchmarks.processes import status_kib
+from benchmarks.processes import run, status_kib
 from seaking.lab.fault_upstream import FaultyUpstream, Stream, split_words
 from seaking.lab.harness import Mitmdump
 
@@ -103,7 +103,7 @@ async def main_async(total: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=3000)
-    print(json.dumps(asyncio.run(main_async(parser.parse_args().streams)), indent=1))
+    print(json.dumps(run(main_async(parser.parse_args().streams)), indent=1))
 
 
 if __name__ == "__main__":

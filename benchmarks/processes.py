@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -31,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent  # run with the project's venv python: its mitmdump is next to it
 MITMDUMP = executable("mitmdump")
+T = TypeVar("T")
 LISTEN = ["--listen-host", "127.0.0.1", "--listen-port", "0"]
 
 
@@ -135,6 +137,17 @@ class Process:
                 os.killpg(self.pid, signal.SIGKILL)
         self.popen.wait()
         self._log.close()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with SIGTERM (`timeout`, `kill`, CI) cancelling `main` as Ctrl-C does: its `finally` blocks then
+    stop the processes it started, which are in process groups of their own and would outlive it otherwise."""
+
+    async def cancelled_on_sigterm() -> T:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        return await main
+
+    return asyncio.run(cancelled_on_sigterm())
 
 
 async def start(name: str, argv: list[str], workdir: Path, ready: re.Pattern = LISTENING,

@@ -2,7 +2,8 @@
 and (with py-spy) which part of the code the CPU time is spent in. Plain mitmdump(-stream) beside seaking-proxy.
 
     .venv/bin/python -m benchmarks.profile [--kind chat|stream] [--requests 2000] [--concurrency 1]
-                                           [--ways mitmdump,mitmdump-stream,seaking-proxy] [--py-spy] [--strace]
+                                           [--ways mitmdump,mitmdump-stream,seaking-proxy] [--py-spy [--top] [--keep DIR]]
+                                           [--strace]
 
 Per way: one proxy process in front of benchmarks/bench_upstream.py; after a warm-up, `requests` requests (chat:
 non-streaming; stream: 20 chunks 50 ms apart) from `concurrency` clients. The figures come from the proxy process
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.processes import BIN, REPO, Way, all_ways, raise_open_files_limit, status_kib, upstream
+from benchmarks.processes import BIN, REPO, Way, all_ways, raise_open_files_limit, run, status_kib, upstream
 from benchmarks.report import progress
 from benchmarks.scenarios import CLIENT_TIMEOUT, chat, chat_body, stream
 
@@ -153,6 +154,8 @@ async def profile_way(way: Way, upstream_url: str, args: argparse.Namespace, wor
                 tool.send_signal(signal.SIGINT)
                 tool.wait(60)
         if args.py_spy and spy_out.exists():
+            if args.keep:
+                shutil.copy(spy_out, Path(args.keep) / spy_out.name)
             result["where"] = read_py_spy(spy_out)
             result["top"] = top_functions(spy_out)
         if args.strace and strace_out.exists():
@@ -185,9 +188,10 @@ def main() -> None:
     parser.add_argument("--py-spy", action="store_true", help="where the CPU goes (needs py-spy)")
     parser.add_argument("--strace", action="store_true", help="system calls by name (needs strace)")
     parser.add_argument("--top", action="store_true", help="with --py-spy: the functions with the most samples")
+    parser.add_argument("--keep", metavar="DIR", help="with --py-spy: keep its raw samples there (WAY.pyspy)")
     args = parser.parse_args()
     raise_open_files_limit()
-    results = asyncio.run(main_async(args))
+    results = run(main_async(args))
     print(f"\n{args.kind}, {args.requests} requests from {args.concurrency} client(s); load average "
           f"{os.getloadavg()[0]:.2f}\n")
     print("| way | CPU ms / request | wake-ups / request | syscalls / request |")

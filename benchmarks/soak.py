@@ -73,7 +73,7 @@ import aiohttp
 import yaml
 
 from benchmarks import litellm_way
-from benchmarks.processes import Process, open_files, raise_open_files_limit, status_kib
+from benchmarks.processes import Process, open_files, raise_open_files_limit, run, status_kib
 from benchmarks.report import git_revision, load_average
 from benchmarks.soak_upstream import ANTHROPIC, OPENAI, Recipe, recipe
 from seaking.lab.harness import LISTENING, Mitmdump, free_ports
@@ -878,7 +878,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the logs and config here (default: a temporary directory)")
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for mitmdump (repeat it), e.g. --proxy-arg=-s --proxy-arg=probe.py")
-    sys.exit(asyncio.run(main_async(parser.parse_args())))
+    sys.exit(run(main_async(parser.parse_args())))
 
 
 if __name__ == "__main__":

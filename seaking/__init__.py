@@ -10,6 +10,7 @@ Where a request is ...
   retried ......... upstream_run.py, with retry_policy.run_with_retries (tenacity)
   streamed ........ stream_answer.py (StreamAnswer: the relay job of a stream request) → streaming.py (SSE: the first
                     event, piping with the idle timeout, every stream ended cleanly) → relay.py (the loopback server)
+  continued ....... stream_answer.py (after a break) → resume.py (can it be, and the request) → splice.py (the seam)
   answered ........ answers.py (what the client gets: passed on, or why the proxy gave up), dialects.py (OpenAI's and
                     Anthropic's shapes), models_cache.py (/models from the last good list)
   shown ........... records.py (the flow's record), flow_notes.py (mark and comment), attempt_flows.py (each attempt a
@@ -28,6 +29,7 @@ Addons (mitmproxy hooks), each one small class:
   flow_notes.py ...... FlowNotes: the mark and the attempt history mitmweb shows for a flow
   attempt_flows.py ... AttemptFlows: upstream attempts as flows of their own (mitmweb, -w recordings)
   health.py .......... HealthChecks: background probes of targets whose breaker is open
+  memory.py .......... AllocatorTrim: memory freed after bursts given back to the system (glibc's malloc_trim)
   relay.py ........... Relay: the loopback server mitmproxy streams answers from, and the flows bound to it
   records.py ......... Records: each client flow's typed record, written into its metadata when it ends
 
@@ -45,6 +47,9 @@ Libraries (no hooks):
   answers.py ......... the client's answer once the run is over: passed on, or why the proxy gave up
   errors.py .......... ProxyError: an error the proxy reports itself; reason phrases
   dialects.py ........ OpenAI's and Anthropic's wire shapes: errors, what an event says, stream endings
+  sse.py ............. server-sent events framed from bytes, and written back
+  resume.py .......... whether a broken reply can be continued, and the continuation request (a prefill)
+  splice.py .......... a continuation's events spliced into the client's stream; the seam between the two texts
 
 Tools, beside the product (never loaded by the addon):
   lab/ ............... the replay lab (replay.py), the fault-injecting upstream and the process harness that tests,

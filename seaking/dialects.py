@@ -66,6 +66,7 @@ class Dialect(abc.ABC):
     # event may fail ("Unexpected event order ... before message_start").
     heartbeat = b": keep-alive\n\n"
     end_of_stream = b""  # written after a stream's last event, the proxy's error event included
+    end_after_finish = b""  # completes a stream whose reply finished but whose own last event never came
     complete_ending = ""  # for people: what a complete stream ends with
 
     @abc.abstractmethod
@@ -108,6 +109,7 @@ class OpenAIDialect(Dialect):
     """`{"error": {"message", "type", "code"}}`; a stream of `data:` events ends with `data: [DONE]`."""
 
     end_of_stream = DONE
+    end_after_finish = DONE
     complete_ending = "no [DONE] and no finish_reason"
     _TYPES = {
         400: "invalid_request_error",
@@ -204,6 +206,7 @@ class AnthropicDialect(Dialect):
     APIStatusError and SillyTavern shows (a bare `data: {"error": ...}` line, OpenAI's way, the SDK drops unread)."""
 
     complete_ending = "no message_stop"
+    end_after_finish = b'event: message_stop\ndata: {"type": "message_stop"}\n\n'
     # Anthropic's error types by status; "new types may appear", and clients go by the status first.
     _TYPES = {
         400: "invalid_request_error",
@@ -260,9 +263,14 @@ class AnthropicDialect(Dialect):
         if kind == "content_block_stop":
             return EventFacts(document, block=index, block_closed=True)
         if kind == "message_delta":
-            # message_delta's stop_reason is not enough: clients wait for message_stop.
+            # A stop_reason finishes the reply; clients still wait for message_stop, which the proxy sends itself
+            # if the stream ends without it (Dialect.end_after_finish).
             usage = document.get("usage")
-            return EventFacts(document, usage=_anthropic_usage(usage) if isinstance(usage, dict) else None)
+            delta = document.get("delta") if isinstance(document.get("delta"), dict) else {}
+            return EventFacts(
+                document, usage=_anthropic_usage(usage) if isinstance(usage, dict) else None,
+                finish=bool(delta.get("stop_reason")),
+            )
         return EventFacts(document, content=True)  # event types Anthropic may add
 
     def usage_of(self, document: object) -> Usage | None:

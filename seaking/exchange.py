@@ -169,9 +169,9 @@ class Exchange:
             def refused(target: Target, model: str | None) -> bool:
                 return upstream.continuation is not None and (target.base_url, model) in snapshot.refused_prefill
 
-            return UpstreamRun(
-                self.shared.pools, config.retry, snapshot.failover, upstream, on_attempt, on_retry, refused
-            )
+            # A continuation that adds nothing says the reply was complete when it broke off: no blank reply to retry.
+            policy = config.retry if upstream.continuation is None else dataclasses.replace(config.retry, retry_empty=False)
+            return UpstreamRun(self.shared.pools, policy, snapshot.failover, upstream, on_attempt, on_retry, refused)
 
         return Call(flow, record, snapshot, primary, api, secrets, upstream_request, new_run)
 

@@ -110,7 +110,7 @@ class Splicer(abc.ABC):
         """The events to send the client for one event of the continuation (none, while text is held back)."""
 
     def flush(self) -> list[bytes]:
-        """Text the seam still holds, as an event (the continuation ended, or broke off, right after it)."""
+        """Text the seam still holds, as an event (the continuation's reply ended right after it)."""
         text = self.seam.flush()
         return [self._text_event(text)] if text else []
 

@@ -169,13 +169,14 @@ class StreamAnswer:
                 else:
                     for raw in splicer.splice(event, facts):
                         yield client.sent(raw, read(api, parse_event(raw)))
-            if splicer is not None:
-                for raw in splicer.flush():
-                    yield client.sent(raw, read(api, parse_event(raw)))
             self._count_tokens(stream)
             problem = self._break(pipe, stream, held)
             if problem is None:
+                if splicer is not None:  # what the seam held was the reply's last words
+                    for raw in splicer.flush():
+                        yield client.sent(raw, read(api, parse_event(raw)))
                 break
+            # After a break, what the seam holds is the start of a restatement of what the client has: dropped.
             task, resume = self._start_continuation(client, problem) if problem.code in CONTINUED_AFTER else (None, None)
             if task is not None:
                 async for chunk in self._heartbeats_until(task):  # the client waits for its reply to go on
@@ -191,10 +192,10 @@ class StreamAnswer:
 
     def _break(self, pipe: Pipe, stream: UpstreamStream, held) -> ProxyError | None:
         """Why the upstream's part of the stream ended before the reply was complete; None if it was complete."""
+        if stream.reply.complete and not stream.reply.other_choices:
+            return None  # a drop or a stall after the finish costs the client nothing but the end, which it gets
         if pipe.problem is not None:
             return pipe.problem
-        if stream.reply.complete:
-            return None
         if held is not None or stream.reply.errors:
             said = scrub((held.data or b"").decode("utf-8", "replace")[:300] if held else "", self.call.secrets)
             return ProxyError(502, f"Upstream reported an error in the middle of the stream: {said}", "stream_upstream_error")

@@ -3,7 +3,7 @@
 SillyTavern never ends its own reply when the upstream drops a stream after the headers, so the chat hangs until the
 user reloads. Here an upstream stream is read event by event (sse.py): judged at its first content, then piped with an
 idle timeout. Every way it can go wrong after the client got its first byte — a drop, a silence longer than
-idle_timeout, an end without `[DONE]` or a finish_reason (Anthropic: without `message_stop`) — is known when the pipe
+idle_timeout, an end without `[DONE]` or a finish_reason (Anthropic: without `message_stop` or a stop_reason) — is known when the pipe
 ends, so that the stream answer (stream_answer.py) can continue the reply (resume.py) or end the client's stream with
 exactly one error event in the request's API dialect (OpenAI: `data: {"error": ...}`, then `data: [DONE]`; Anthropic:
 `event: error` and nothing after it), then a clean end of the body.
@@ -65,7 +65,7 @@ class Reply:
     open_block: int | None = None  # Anthropic: the content block started and not stopped yet
     blocks: int = 0  # Anthropic: content blocks started
     ended: bool = False  # the stream's own last event: [DONE], message_stop
-    finished: bool = False  # a finish_reason: complete, even if its [DONE] never comes (OpenAI)
+    finished: bool = False  # a finish_reason, a stop_reason: complete, even if [DONE] or message_stop never comes
     errors: int = 0  # error events
 
     @property
@@ -139,7 +139,7 @@ class ClientStream:
         if reply.ended:
             return b"", None
         if problem is None and reply.finished:
-            return api.end_of_stream, None  # only OpenAI's finish comes before its end
+            return api.end_after_finish, None
         problem = problem or stream_incomplete(api)
         error_event = b"" if reply.errors else api.error_event(problem)  # never a second error after the upstream's own
         return error_event + api.end_of_stream, problem

@@ -118,7 +118,12 @@ class UpstreamRun:
     ) -> None:
         self.pools, self.policy, self.failover, self.request = pools, policy, failover, request
         self.on_attempt, self.on_retry = on_attempt, on_retry
-        self.refused = refused  # the target refused this kind of request for that model before (a prefill)
+        # Which targets each model may go to, fixed now: can_start() and result() must agree, although another
+        # request may meanwhile find a target refusing (`refused`: it refused a prefill for that model before).
+        self._eligible = {
+            model: targets for model in failover.models_for(request.model)
+            if (targets := [t for t in failover.targets if request.can_go_to(t) and not refused(t, model)])
+        }
         self._attempts: dict[int, Attempt] = {}  # those that are over, by number
         self._running: list[_Running] = []  # those under way
         self._winner: int | None = None  # the number of the attempt whose answer is worth giving
@@ -126,20 +131,16 @@ class UpstreamRun:
         self._another_model = False  # the model being tried has a fallback model after it
 
     def can_start(self) -> bool:
-        """Whether any target can take the request, with any of its models."""
-        return any(self._targets_for(model) for model in self.failover.models_for(self.request.model))
-
-    def _can_try(self, target: Target, model: str | None) -> bool:
-        return self.request.can_go_to(target) and not self.refused(target, model)
-
-    def _targets_for(self, model: str | None) -> list[Target]:
-        return [t for t in self.failover.targets if self._can_try(t, model)]
+        """Whether any target can take the request, with any of its models. `result()` needs one."""
+        return bool(self._eligible)
 
     async def result(self) -> UpstreamResult:
+        if not self._eligible:
+            raise RuntimeError("UpstreamRun.result() with no target to try: ask can_start() first")
         deadline_at = time.monotonic() + self.policy.deadline
         if self.failover.budget is not None:
             self.failover.budget.record_request()
-        models = [m for m in self.failover.models_for(self.request.model) if self._targets_for(m)]
+        models = list(self._eligible)
         try:
             for index, model in enumerate(models):
                 self._another_model = index + 1 < len(models)
@@ -169,7 +170,8 @@ class UpstreamRun:
 
     async def _try_model(self, model: str | None, deadline_at: float) -> Outcome:
         """One model's attempts, round the targets, within what is left of the request's deadline."""
-        plan = self.failover.pool.plan(lambda target: self._can_try(target, model))
+        eligible = {id(target) for target in self._eligible[model]}
+        plan = self.failover.pool.plan(lambda target: id(target) in eligible)
 
         async def attempt(attempt_deadline: float) -> Attempt | _Hedge:
             if self._winner is not None:  # an attempt started earlier answered while the loop waited

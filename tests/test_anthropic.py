@@ -368,13 +368,25 @@ async def test_a_silence_past_idle_timeout_ends_with_one_timeout_error(proxy_fac
     assert_ended_with_one_error(read, "timeout_error", "stream_idle_timeout")
 
 
-async def test_an_end_without_message_stop_ends_with_one_error_event(proxy_factory, upstream, client):
+async def test_an_end_before_the_stop_reason_ends_with_one_error_event(proxy_factory, upstream, client):
     proxy = await proxy_factory(NO_RESUME)
-    upstream.script("messages", MessageStream(chunks=["a", "b"], no_stop=True))
+    upstream.script("messages", MessageStream(chunks=["a", "b"], stop_reason=None, no_stop=True))
     read = await read_events(client, proxy)
-    assert read.text == "ab" and "message_delta" in read.names
+    assert read.text == "ab" and "message_delta" not in read.names
     error = assert_ended_with_one_error(read, "api_error", "stream_incomplete")
     assert "no message_stop" in error["message"]
+
+
+@pytest.mark.parametrize("fault", [{"no_stop": True}, {"drop_at_stop": True}], ids=["end", "drop"])
+async def test_a_stream_that_ends_after_its_stop_reason_is_completed_with_message_stop(proxy_factory, upstream, client, fault):
+    """The reply is whole once message_delta has said why it stopped: what is missing is only message_stop, which
+    the client gets from the proxy (no error, no continuation)."""
+    proxy = await proxy_factory(NO_RESUME)
+    upstream.script("messages", MessageStream(chunks=["a", "b"], **fault))
+    read = await read_events(client, proxy)
+    assert (read.text, read.errors, read.ended_cleanly) == ("ab", [], True)
+    assert read.names[-2:] == ["message_delta", "message_stop"]
+    assert len(upstream.received) == 1
 
 
 async def test_an_upstream_error_event_mid_stream_is_passed_on_never_doubled(proxy_factory, upstream, client):

@@ -145,6 +145,19 @@ async def test_the_usage_of_a_continued_openai_stream_counts_both_parts(proxy_fa
     assert usage["completion_tokens"] == 3 + (len(WORDS) - 3)
 
 
+async def test_a_continuation_with_nothing_to_add_completes_the_reply(proxy_factory, upstream, client):
+    """The stream ended after the reply's last word but before its finish: the continuation finishes at once, with no
+    content. That is the reply complete, not a blank reply to retry."""
+    proxy = await proxy_factory(OPENAI_PREFILL)
+    upstream.script("chat/completions", Stream(chunks=WORDS, no_done=True, finish_reason=None), Stream(chunks=WORDS))
+    assert_one_ordinary_openai_reply(await read_stream(client, proxy))
+    assert len(upstream.received) == 2
+    upstream.script("messages", MessageStream(chunks=WORDS, stop_reason=None, no_stop=True), MessageStream(chunks=WORDS))
+    read = await read_events(client, proxy, STREAM_MESSAGE)
+    assert (read.text, read.errors, read.names[-1], read.names.count("message_stop")) == (REPLY, [], "message_stop", 1)
+    assert len(upstream.received) == 4
+
+
 # --- when a reply is not continued --------------------------------------------------------------------------------
 
 

@@ -1,5 +1,4 @@
-"""Problems the chaos soak (benchmarks/soak.py) found, each reproduced alone. Each is a strict xfail until the proxy
-is fixed: then it passes, strict makes that a failure, and its mark is to be removed."""
+"""Problems the chaos soak (benchmarks/soak.py) found, each reproduced alone (each was a strict xfail until fixed)."""
 
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from test_streaming import STREAM_CHAT, read_stream
 CLAUDE = {"streaming": {"idle_timeout": 0.4}}
 
 
-@pytest.mark.xfail(strict=True, reason="soak finding: a second content block and message_delta after the splice")
 async def test_a_claude_stream_cut_after_its_message_delta_is_one_ordinary_reply(proxy_factory, upstream, client):
     """The whole text, content_block_stop and message_delta (stop_reason end_turn) came; then the body ended without
     message_stop (a connection lost in the last milliseconds). The client must not get a second content block and a
@@ -27,7 +25,6 @@ async def test_a_claude_stream_cut_after_its_message_delta_is_one_ordinary_reply
     assert_one_ordinary_claude_reply(read)
 
 
-@pytest.mark.xfail(strict=True, reason="soak finding: a held partial restatement is sent when the stream breaks")
 async def test_a_continuation_that_breaks_inside_its_restatement_doubles_nothing(proxy_factory, upstream, client):
     """The first stream drops after 6 words; the continuation restates the last 4 ("brown fox jumps over") but drops
     after 3 of them, while the seam still holds them back; the second continuation is good. The held words are a
@@ -42,20 +39,29 @@ async def test_a_continuation_that_breaks_inside_its_restatement_doubles_nothing
     assert_one_ordinary_openai_reply(read)
 
 
-@pytest.mark.xfail(strict=True, raises=UnboundLocalError, reason="soak finding: UpstreamRun.result() with no target")
-async def test_a_run_that_no_target_can_take_ends_with_a_result_not_an_exception(proxy_factory):
-    """The soak's traceback (at 228 s of its 5-minute run, twice): StreamAnswer._continue checks run.can_start(), then
-    starts run.result() in a task; in between, another stream's continuation for the same model was refused by the
-    last target that had not refused it yet (PREFILL_REFUSED, remembered in snapshot.refused_prefill). result() then
-    finds no model with a target it may try, never runs _try_model, and reads `outcome` unassigned: UnboundLocalError,
-    the client's stream ends with proxy_internal_error and the log has a traceback. The race is a few event-loop steps
-    wide; this is its end state, every target refused before result() starts."""
+async def test_a_run_keeps_the_targets_it_could_start_with(proxy_factory, upstream):
+    """The soak's traceback (at 228 s of its 5-minute run, twice): StreamAnswer._start_continuation checked
+    run.can_start(), then started run.result() in a task; in between, another stream's continuation for the same model
+    was refused by the last target that had not refused it yet (remembered in snapshot.refused_prefill). result() then
+    found no target, and failed with an UnboundLocalError: the client's stream ended with proxy_internal_error. Now a
+    run fixes its targets when it is made, and a refusal that comes later is for the runs made after it."""
     proxy = await proxy_factory(OPENAI_PREFILL)
     snapshot = proxy.shared.snapshot
+    upstream.script("chat/completions", Stream(chunks=WORDS))
     body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
     request = UpstreamRequest("POST", "/v1/chat/completions", [], body, True, model="m", first_event_timeout=2)
+    refusals: set[str] = set()
     run = UpstreamRun(proxy.shared.pools, snapshot.config.retry, snapshot.failover, request,
-                      refused=lambda target, model: True)
-    assert not run.can_start()
+                      refused=lambda target, model: target.base_url in refusals)
+    assert run.can_start()
+    refusals.update(target.base_url for target in snapshot.failover.targets)  # meanwhile, another stream's refusal
     result = await run.result()
-    assert result.stream is None
+    try:
+        assert result.stream is not None and len(result.attempts) == 1
+    finally:
+        await result.aclose()
+    too_late = UpstreamRun(proxy.shared.pools, snapshot.config.retry, snapshot.failover, request,
+                           refused=lambda target, model: target.base_url in refusals)
+    assert not too_late.can_start()
+    with pytest.raises(RuntimeError, match="can_start"):
+        await too_late.result()

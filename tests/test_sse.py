@@ -134,6 +134,7 @@ BLOCK_START = anthropic_event("content_block_start", {"type": "content_block_sta
 PING = anthropic_event("ping", {"type": "ping"})
 DELTA = anthropic_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}})
 STOP = anthropic_event("message_stop", {"type": "message_stop"})
+STOP_REASON = anthropic_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}})
 OVERLOADED = anthropic_event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
 
 
@@ -167,6 +168,9 @@ def test_an_anthropic_stream_ends_with_message_stop_and_nothing_after_it():
     assert tail == ANTHROPIC.error_event(problem)
     assert sent(MESSAGE_START, DELTA, api=ANTHROPIC).ending(DROPPED) == (ANTHROPIC.error_event(DROPPED), DROPPED)
     assert sent(MESSAGE_START, DELTA, OVERLOADED, api=ANTHROPIC).ending(DROPPED) == (b"", DROPPED)  # never doubled
+    # A stop_reason finishes the reply: an end without message_stop gets one from the proxy.
+    assert sent(MESSAGE_START, DELTA, STOP_REASON, api=ANTHROPIC).ending(None) == (ANTHROPIC.end_after_finish, None)
+    assert ANTHROPIC.end_after_finish == STOP
 
 
 def test_anthropics_error_event_and_document():

@@ -194,7 +194,9 @@ class MessageStream:
     delay: float = 0.0
     drop_after: int | None = None  # close the connection after this many text deltas
     stall_after: int | None = None  # go silent (forever) after this many text deltas
-    no_stop: bool = False  # end after message_delta, without message_stop
+    no_stop: bool = False  # end without message_stop
+    drop_at_stop: bool = False  # close the connection where message_stop would come (lost in the last milliseconds)
+    stop_reason: str | None = "end_turn"  # message_delta's; None: no message_delta
     error_first: str | None = None  # after message_start (no content yet): an `event: error` with this message, the end
     error_after: int | None = None  # after this many text deltas: an `event: error` (overloaded_error), then the end
     think: float = 0.0  # seconds between the preamble and the first text delta (a long prompt being read)
@@ -232,8 +234,12 @@ class MessageStream:
             piece = {"type": "input_json_delta", "partial_json": text} if self.tool_use else {"type": "text_delta", "text": text}
             await response.write(named("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": piece}))
         await response.write(named("content_block_stop", {"type": "content_block_stop", "index": 0}))
-        finish = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": len(chunks)}}
-        await response.write(named("message_delta", finish))
+        if self.stop_reason is not None:
+            delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
+            await response.write(named("message_delta", {"type": "message_delta", "delta": delta, "usage": {"output_tokens": len(chunks)}}))
+        if self.drop_at_stop:
+            request.transport.close()
+            raise asyncio.CancelledError  # nothing may be written after this
         if not self.no_stop:
             await response.write(named("message_stop", {"type": "message_stop"}))
         await response.write_eof()
