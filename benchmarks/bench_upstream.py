@@ -12,11 +12,10 @@ against the load generator or the proxy. FaultyUpstream is seaking/lab/fault_ups
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from dataclasses import dataclass
 
-from seaking.lab.fault_upstream import FaultyUpstream, Good, Sometimes, Status, Stream
+from seaking.lab.fault_upstream import FaultyUpstream, Good, Sometimes, Status, Stream, serve_until_stopped
 
 
 @dataclass
@@ -58,26 +57,14 @@ def build_upstream(chunks: int, chunk_delay: float, fail_rate: float) -> FaultyU
     return upstream
 
 
-async def serve(args: argparse.Namespace) -> None:
-    upstream = build_upstream(args.chunks, args.chunk_delay, args.fail_rate)
-    url = await upstream.start(args.port)
-    print(f"bench upstream listening at {url.removeprefix('http://')}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await upstream.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed completion")
     parser.add_argument("--chunk-delay", type=float, default=0.05, help="seconds between streamed chunks")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="share of chat completions answered 503")
-    try:
-        asyncio.run(serve(parser.parse_args()))
-    except KeyboardInterrupt:
-        pass
+    args = parser.parse_args()
+    serve_until_stopped(build_upstream(args.chunks, args.chunk_delay, args.fail_rate), args.port, "bench upstream")
 
 
 if __name__ == "__main__":

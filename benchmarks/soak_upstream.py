@@ -44,7 +44,9 @@ from seaking.lab.fault_upstream import (
     Reset,
     Status,
     Stream,
+    assistant_start,
     continued,
+    serve_until_stopped,
     message,
     named,
     split_words,
@@ -159,24 +161,6 @@ def _without_start(received: Received) -> Received:
     if isinstance(last, dict) and last.get("role") == "assistant":
         document = {**document, "messages": messages[:-1]}
     return dataclasses.replace(received, body=json.dumps(document).encode())
-
-
-def continuation_start(received: Received) -> str | None:
-    """The reply's start a continuation request carries after the client's own messages (None: not one). The soak's
-    Anthropic requests end with the user's message, so a trailing assistant message is always the proxy's."""
-    try:
-        messages = json.loads(received.body).get("messages")
-    except (ValueError, AttributeError):
-        return None
-    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)):
-        return None
-    last = messages[-1]
-    if last.get("role") != "assistant":
-        return None
-    content = last.get("content")
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
 
 
 def _unrestated(fault):
@@ -419,7 +403,7 @@ class SoakUpstream(FaultyUpstream):
         found = recipe(case)
 
         async def answer(request, received):
-            start = continuation_start(received)
+            start = assistant_start(received)  # the soak's requests end with the user's message
             fault = found.answer(number)
             if start is not None and found.refuse_prefill:
                 fault = PrefillRefused()
@@ -435,26 +419,13 @@ class SoakUpstream(FaultyUpstream):
         return answer
 
 
-async def _serve(port: int, name: str, trace: bool) -> None:
-    upstream = SoakUpstream(trace)
-    await upstream.start(port)
-    print(f"soak upstream {name} listening at 127.0.0.1:{upstream.port}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await upstream.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="A")
     parser.add_argument("--trace", action="store_true", help="print a line for each request of a case")
     arguments = parser.parse_args()
-    try:
-        asyncio.run(_serve(arguments.port, arguments.name, arguments.trace))
-    except KeyboardInterrupt:
-        pass
+    serve_until_stopped(SoakUpstream(arguments.trace), arguments.port, f"soak upstream {arguments.name}")
 
 
 if __name__ == "__main__":

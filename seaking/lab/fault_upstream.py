@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -393,7 +394,7 @@ def split_words(text: str) -> list[str]:
 def continued(chunks: list[str], received: Received, restate: int = 0) -> list[str]:
     """The chunks a request gets: all of them; or for a continuation — its last message the assistant's, ending with a
     start of the reply — the rest of the reply after that start, its last `restate` words first."""
-    start = _assistant_start(received)
+    start = assistant_start(received)
     reply = "".join(chunks)
     if start is None:
         return chunks
@@ -413,7 +414,8 @@ def _case_of(received: Received) -> str | None:
     return match.group(1) if match else None
 
 
-def _assistant_start(received: Received) -> str | None:
+def assistant_start(received: Received) -> str | None:
+    """The reply's start a continuation request carries: its trailing assistant message's text (None: not one)."""
     messages = _json_or_empty(received.body).get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         return None
@@ -520,19 +522,23 @@ class FaultyUpstream:
         return Good()
 
 
-async def _serve(port: int) -> None:
-    upstream = FaultyUpstream()
-    print(f"fault upstream listening at {await upstream.start(port)}", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await upstream.stop()
+def serve_until_stopped(upstream: FaultyUpstream, port: int, label: str) -> None:
+    """Run `upstream` on 127.0.0.1:`port` until SIGINT, first saying "<label> listening at 127.0.0.1:N" (the line
+    the lab's harness and the benchmarks wait for)."""
+
+    async def serve() -> None:
+        url = await upstream.start(port)
+        print(f"{label} listening at {url.split('://', 1)[1]}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await upstream.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    try:
-        asyncio.run(_serve(parser.parse_args().port))
-    except KeyboardInterrupt:
-        pass
+    serve_until_stopped(FaultyUpstream(), parser.parse_args().port, "fault upstream")
