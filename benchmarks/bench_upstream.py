@@ -13,9 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
-from seaking.lab.fault_upstream import FaultyUpstream, Good, Sometimes, Status, Stream, serve_until_stopped
+from seaking.lab.fault_upstream import FaultyUpstream, Good, Status, Stream, serve_until_stopped
+
+
+@dataclass
+class Sometimes:
+    """Answer as `fault` with probability `chance`, else normally: a flaky upstream for load tests."""
+
+    chance: float
+    fault: object
+    rng: random.Random = field(default_factory=lambda: random.Random(1234))
+
+    async def __call__(self, request, received):
+        chosen = self.fault if self.rng.random() < self.chance else Good()
+        return await chosen(request, received)
 
 
 @dataclass

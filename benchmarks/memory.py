@@ -6,7 +6,8 @@ continued), on the Python running this.
     PYENV_VERSION=3.13.0 pyenv exec ...: run it with each venv's python (its mitmdump is the one beside it)
 
 Plain mitmdump (no addon, the same upstream, streams buffered) is measured the same way as the floor. RSS is read from
-/proc/PID/status (VmRSS) while the streams are open; "after" is read once they are done, and again 5 s later.
+/proc/PID/status (VmRSS) while the streams are open; "after" is read once they are done, and again a minute later
+(seaking-proxy's AllocatorTrim gives freed memory back once a minute).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 from benchmarks.processes import run, status_kib
 from seaking.lab.fault_upstream import FaultyUpstream, Stream, split_words
 from seaking.lab.harness import Mitmdump
+from seaking.memory import TRIM_INTERVAL
 
 WORDS = split_words(" ".join(f"w{i}" for i in range(60)))
 CONFIG = {"target_proxy": {"prefill": "assistant"}, "streaming": {"idle_timeout": 1}, "health_check": {"interval": 0}}
@@ -79,8 +81,8 @@ async def measure(way: str, upstream: FaultyUpstream, workdir: Path, total: int)
                 upstream.script("chat/completions", Stream(chunks=WORDS, delay=0.01, **fault), Stream(chunks=WORDS, delay=0.01))
         await streams(url, total, 100)
         found[f"after {total} streams"] = rss_mib(pid)
-        await asyncio.sleep(5)
-        found[f"after {total} streams, 5 s later"] = rss_mib(pid)
+        await asyncio.sleep(TRIM_INTERVAL + 5)  # seaking-proxy's AllocatorTrim has run since
+        found[f"after {total} streams, a minute later"] = rss_mib(pid)
     finally:
         await proxy.stop()
     return found

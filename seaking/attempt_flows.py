@@ -241,9 +241,6 @@ def _response(attempt: Attempt, stream: UpstreamStream | None, secrets: set[str]
     response.timestamp_start = attempt.responded_at or attempt.started_at
     response.timestamp_end = ended_at
     scrub_response(response, secrets)
-    for name, value in list(response.headers.items(multi=True)):
-        if scrub(value, secrets) != value:
-            response.headers[name] = scrub(value, secrets)
     return response
 
 

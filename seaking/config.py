@@ -37,21 +37,21 @@ class ConfigError(ValueError):
 PrefillSetting = typing.Literal["auto", "assistant", "prefix", "none"]
 
 
-def _range(low: float | None = None, high: float | None = None) -> dict:
-    return {"low": low, "high": high}
+def _at_least(low: float) -> dict:
+    return {"low": low}
 
 
 @dataclass(frozen=True)
 class TargetProxySection:
     url: str | None = None
     api_key: str | None = None
-    timeout: float = field(default=DEFAULT_POLICY.per_try_timeout, metadata=_range(low=0.001))
+    timeout: float = field(default=DEFAULT_POLICY.per_try_timeout, metadata=_at_least(0.001))
     # max_retries and retry_delay are the same settings as error_handling.max_retries and error_handling.base_delay:
     # the product spec names them twice. Either spelling may be used; if both are given they must agree.
-    max_retries: int | None = field(default=None, metadata=_range(low=0))
-    retry_delay: float | None = field(default=None, metadata=_range(low=0))
-    retry_backoff: float = field(default=DEFAULT_POLICY.backoff, metadata=_range(low=1))
-    weight: float = field(default=1, metadata=_range(low=0))  # with load_balancing: weighted
+    max_retries: int | None = field(default=None, metadata=_at_least(0))
+    retry_delay: float | None = field(default=None, metadata=_at_least(0))
+    retry_backoff: float = field(default=DEFAULT_POLICY.backoff, metadata=_at_least(1))
+    weight: float = field(default=1, metadata=_at_least(0))  # with load_balancing: weighted
     proxy: str | None = None  # http://, https://, socks5:// or socks5h:// proxy; else HTTPS_PROXY etc. (outbound.py)
     prefill: PrefillSetting = "auto"  # how it continues a reply that broke off (resume.py)
 
@@ -60,10 +60,10 @@ class TargetProxySection:
 class ErrorHandlingSection:
     retry_codes: tuple[int, ...] = tuple(sorted(DEFAULT_POLICY.retry_codes))
     fail_codes: tuple[int, ...] = tuple(sorted(DEFAULT_POLICY.fail_codes))
-    max_retries: int | None = field(default=None, metadata=_range(low=0))
-    base_delay: float | None = field(default=None, metadata=_range(low=0))
-    max_delay: float = field(default=DEFAULT_POLICY.max_delay, metadata=_range(low=0))
-    deadline: float = field(default=DEFAULT_POLICY.deadline, metadata=_range(low=0.001))
+    max_retries: int | None = field(default=None, metadata=_at_least(0))
+    base_delay: float | None = field(default=None, metadata=_at_least(0))
+    max_delay: float = field(default=DEFAULT_POLICY.max_delay, metadata=_at_least(0))
+    deadline: float = field(default=DEFAULT_POLICY.deadline, metadata=_at_least(0.001))
     retry_empty: bool = DEFAULT_POLICY.retry_empty  # a reply with no content at all is retried like a 503
     hedge_on_timeout: bool = DEFAULT_POLICY.hedge_on_timeout  # past its per-try timeout, an attempt keeps running
 
@@ -71,8 +71,8 @@ class ErrorHandlingSection:
 @dataclass(frozen=True)
 class ServerSection:
     access_key: str | None = None
-    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_range(low=1))
-    shutdown_grace: float = field(default=30, metadata=_range(low=0))  # seconds requests in flight may finish
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_at_least(1))
+    shutdown_grace: float = field(default=30, metadata=_at_least(0))  # seconds requests in flight may finish
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,13 @@ class ModelsSection:
 class StreamingSection:
     # Response headers -> first content. With hedging a slow stream is never thrown away, so a stuck one may be given
     # company sooner (docs/streaming.md, benchmarks/fault_mix.py).
-    first_event_timeout: float = field(default=30, metadata=_range(low=0.001))
+    first_event_timeout: float = field(default=30, metadata=_at_least(0.001))
     # The longest silence once streaming. A stream that stalls is continued where it broke (resume), so a stall need
     # not cost a minute; healthy streams send something far more often (docs/streaming.md, benchmarks/fault_mix.py).
-    idle_timeout: float = field(default=15, metadata=_range(low=0.001))
-    heartbeat_interval: float = field(default=15, metadata=_range(low=0.001))  # SSE comments while the client waits
+    idle_timeout: float = field(default=15, metadata=_at_least(0.001))
+    heartbeat_interval: float = field(default=15, metadata=_at_least(0.001))  # SSE comments while the client waits
     resume: bool = True  # a reply that broke off mid-stream is continued (resume.py)
-    resume_attempts: int = field(default=2, metadata=_range(low=0))  # continuations per request, at most
+    resume_attempts: int = field(default=2, metadata=_at_least(0))  # continuations per request, at most
 
 
 @dataclass(frozen=True)
@@ -100,26 +100,26 @@ class TargetSection:
 
     url: str
     api_key: str | None = None
-    weight: float = field(default=1, metadata=_range(low=0))
+    weight: float = field(default=1, metadata=_at_least(0))
     proxy: str | None = None
     prefill: PrefillSetting = "auto"
 
 
 @dataclass(frozen=True)
 class CircuitBreakerSection:
-    failure_threshold: int = field(default=5, metadata=_range(low=1))  # consecutive failures that open a breaker
-    open_seconds: float = field(default=30, metadata=_range(low=0))  # then one probe request is let through
+    failure_threshold: int = field(default=5, metadata=_at_least(1))  # consecutive failures that open a breaker
+    open_seconds: float = field(default=30, metadata=_at_least(0))  # then one probe request is let through
 
 
 @dataclass(frozen=True)
 class HealthCheckSection:
-    interval: float = field(default=30, metadata=_range(low=0))  # seconds between probes; 0 turns them off
+    interval: float = field(default=30, metadata=_at_least(0))  # seconds between probes; 0 turns them off
 
 
 @dataclass(frozen=True)
 class RetryBudgetSection:
-    percent: float = field(default=20, metadata=_range(low=0))  # retries may add this share of requests ...
-    min_per_second: float = field(default=3, metadata=_range(low=0))  # ... but always at least this many per second
+    percent: float = field(default=20, metadata=_at_least(0))  # retries may add this share of requests ...
+    min_per_second: float = field(default=3, metadata=_at_least(0))  # ... but always at least this many per second
 
 
 @dataclass(frozen=True)
@@ -246,11 +246,9 @@ def _check_scalar(key: str, expected: type, value, limits: Mapping, environ: Map
         return _expand_environment(key, value, environ)
     if expected is float and not _finite(value):
         raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    low, high = limits.get("low"), limits.get("high")
+    low = limits.get("low")
     if low is not None and value < low:
         raise ConfigError(f"{key}: must be at least {low:g}, got {value!r}")
-    if high is not None and value > high:
-        raise ConfigError(f"{key}: must be at most {high:g}, got {value!r}")
     return value
 
 

@@ -20,7 +20,7 @@ def glibc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim(pad), or None where the C library has none."""
     try:
         trim = ctypes.CDLL(None).malloc_trim  # the symbols the running process has loaded
-    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - musl, macOS; TypeError: Windows has no CDLL(None)
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int

@@ -132,7 +132,7 @@ def _version(path: Path) -> tuple[int, int] | None:
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """An exclusive lock between processes, held while the block runs (flock on POSIX, msvcrt on Windows)."""
     with open(lock_path, "a+b") as lock:
-        if os.name == "nt":
+        if os.name == "nt":  # pragma: no cover - CI runs on Linux; Windows users run this (docs/running.md)
             import msvcrt
 
             lock.seek(0)

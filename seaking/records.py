@@ -205,10 +205,6 @@ class AttemptFlowRecord:
             data["stream_error"] = self.stream_error
         return data
 
-    @classmethod
-    def from_metadata(cls, data: dict) -> AttemptFlowRecord:
-        return cls(data["attempt_of"], data.get("attempt", 0), AttemptRecord.from_metadata(data), data.get("stream_error"))
-
 
 def is_attempt_flow(flow: http.HTTPFlow) -> bool:
     return "attempt_of" in flow.metadata.get(RECORD_KEY, {})

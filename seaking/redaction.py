@@ -60,7 +60,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 def scrub_response(response: http.Response, secrets: Iterable[str]) -> None:
-    """Remove secrets from an error answer's body and reason phrase before it leaves the proxy."""
+    """Remove secrets from an error answer's body, reason phrase and headers before it leaves the proxy."""
     secrets = [s for s in secrets if s]
     if not secrets:
         return
@@ -69,6 +69,9 @@ def scrub_response(response: http.Response, secrets: Iterable[str]) -> None:
         body = body.replace(secret.encode(), REDACTED.encode())
     response.content = body
     response.reason = scrub(response.reason, secrets)
+    for name, value in list(response.headers.items(multi=True)):
+        if scrub(value, secrets) != value:
+            response.headers[name] = scrub(value, secrets)
 
 
 class Redaction:

@@ -133,10 +133,6 @@ class Relay:
         framing headers stay removed (mitmproxy frames the end of the body by them until the client has sent it all).
         From the request hook, the body is already read: it is taken off for the hop and shown again with the
         response."""
-        bound = self._bindings.get(flow.id)
-        if bound is not None:  # bound from requestheaders (a chunked body): the same slot, now with its answer's URL
-            bound.shown_url = shown_url or bound.shown_url
-            return
         port = await self.start()
         slot = self._new_slot()
         request = flow.request
@@ -163,7 +159,7 @@ class Relay:
     def serve_now(self, flow: http.HTTPFlow, job: RelayJob) -> None:
         """`serve` for a flow already bound, from code that cannot wait (a request body stream callable)."""
         binding = self._bindings.get(flow.id)
-        if binding is None:  # the flow is over
+        if binding is None:  # pragma: no cover - a race: the flow ended (its client left) as its answer was decided
             self._close_soon(job)
             return
         binding.job = job
@@ -181,7 +177,7 @@ class Relay:
         return slot
 
     def _fill(self, slot: _Slot, job: RelayJob) -> None:
-        if slot.job.done():  # its connection is gone, or it was answered already
+        if slot.job.done():  # pragma: no cover - a race: its connection went (or it was answered) as it was filled
             self._close_soon(job)
             return
         slot.job.set_result(job)
@@ -211,7 +207,7 @@ class Relay:
     # --- mitmproxy hooks ---------------------------------------------------------------------------------------
 
     def load(self, loader) -> None:
-        if "store_streamed_bodies" not in loader.master.options:  # mitmproxy 12 has it built in, 11 does not
+        if "store_streamed_bodies" not in loader.master.options:  # pragma: no cover - mitmproxy 11 (12 has it built in)
             loader.add_option(
                 "store_streamed_bodies", bool, False, "Keep the bodies of streamed responses in the flow (mitmweb, -w)."
             )
@@ -242,7 +238,7 @@ class Relay:
         _show_request(flow, binding)
         if binding.job is None or not binding.job.streamed:
             return
-        if ctx.options.store_streamed_bodies and self._store_option_is_ours:
+        if ctx.options.store_streamed_bodies and self._store_option_is_ours:  # pragma: no cover - mitmproxy 11 only
             flow.response.stream = ClientCopy(flow.response, limit=None)
         elif flows_are_seen() and not ctx.options.store_streamed_bodies:  # (mitmproxy 12 keeps it all itself)
             flow.response.stream = ClientCopy(flow.response, limit=CLIENT_COPY_BYTES)

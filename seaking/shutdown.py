@@ -145,8 +145,6 @@ class GracefulShutdown:
         task): mitmproxy logs "client disconnect", runs the client_disconnected hooks, closes the server side, and
         handle_stream returns normally. Nothing is filtered: a real error still prints."""
         proxyserver = ctx.master.addons.get("proxyserver")
-        if proxyserver is None:
-            return
         for handler in list(proxyserver.connections.values()):
             io = handler.transports.get(handler.client)
             if io is not None and io.handler is not None:  # None: still in its client_connected hook; ends alone

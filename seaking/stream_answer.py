@@ -82,7 +82,8 @@ class StreamAnswer:
                     return self._answer_whole(call.whole_answer(result))
                 last = result.last
                 self._relayed = call.note_result(result, AnsweredBy.UPSTREAM, last.status)
-                headers = forwardable_headers(last.raw_headers) + list(seaking_headers(result.outcome).items())
+                headers = [(name, scrub(value, call.secrets)) for name, value in forwardable_headers(last.raw_headers)]
+                headers += seaking_headers(result.outcome).items()
                 return Head(last.status, headers, last.reason)
             if self._grace_over.done():
                 run.cancel()
@@ -124,8 +125,8 @@ class StreamAnswer:
                 continue
             if run.exception() is not None:  # a bug in the run, and nobody was there to answer for it
                 logger.error("seaking-proxy's upstream run failed", exc_info=run.exception())
-            else:
-                self._take(run)  # it was over before anyone took its result
+            else:  # pragma: no cover - a race: it was over before anyone took its result
+                self._take(run)
         for result in self._results.values():
             await result.aclose()
 
@@ -171,10 +172,7 @@ class StreamAnswer:
                         yield client.sent(raw, read(api, parse_event(raw)))
             self._count_tokens(stream)
             problem = self._break(pipe, stream, held)
-            if problem is None:
-                if splicer is not None:  # what the seam held was the reply's last words
-                    for raw in splicer.flush():
-                        yield client.sent(raw, read(api, parse_event(raw)))
+            if problem is None:  # the event that ended it (a finish, [DONE], message_stop) flushed the seam
                 break
             # After a break, what the seam holds is the start of a restatement of what the client has: dropped.
             task, resume = self._start_continuation(client, problem) if problem.code in CONTINUED_AFTER else (None, None)
@@ -225,7 +223,7 @@ class StreamAnswer:
             return f"{self._continuations} continuation(s) already (streaming.resume_attempts)"
         try:
             request = json.loads(call.upstream_request.body)
-        except ValueError:
+        except ValueError:  # pragma: no cover - the endpoints that stream take JSON, which the access guard checked
             return "the request body is not JSON"
         return why_not_continued(request, call.api, client.reply) if isinstance(request, dict) else "not a JSON object"
 

@@ -160,7 +160,7 @@ class UpstreamRun:
                 running.task.cancel()
             if self._running:
                 await asyncio.wait({r.task for r in self._running})  # each closes its upstream response
-            if self._stream is not None:
+            if self._stream is not None:  # pragma: no cover - a race: cancelled as an attempt had just won
                 self._stream.close()
             raise
         last = self._attempts[self._winner] if self._winner is not None else self._last_of(outcome.last)
@@ -174,7 +174,7 @@ class UpstreamRun:
         plan = self.failover.pool.plan(lambda target: id(target) in eligible)
 
         async def attempt(attempt_deadline: float) -> Attempt | _Hedge:
-            if self._winner is not None:  # an attempt started earlier answered while the loop waited
+            if self._winner is not None:  # pragma: no cover - a race: an earlier attempt answered in the back-off
                 return self._attempts[self._winner]
             running = self._start(AttemptPlan.of(self.request, plan.next_target(), model), attempt_deadline)
             return await self._race(running)
@@ -233,8 +233,8 @@ class UpstreamRun:
         )
         if worth_giving and self._winner is None:
             self._winner, self._stream = running.number, stream
-        elif stream is not None:  # a stream that began well after another attempt won: nobody reads it
-            stream.close()
+        elif stream is not None:  # pragma: no cover - a race: two attempts' first content came in the same moment
+            stream.close()  # the later one's: nobody reads it
             stream = None
         self._note(running.number, attempt, stream)
 
@@ -267,8 +267,8 @@ class UpstreamRun:
             running.task.cancel()
         await asyncio.wait({r.task for r in self._running})
         for running in list(self._running):
-            if not running.task.cancelled():
-                self._collect_one(running)  # it was over before it was closed
+            if not running.task.cancelled():  # pragma: no cover - a race: it was over before it was closed
+                self._collect_one(running)
                 continue
             self._running.remove(running)
             why = f"attempt {self._winner} answered first" if self._winner else "no answer within the deadline"

@@ -11,11 +11,13 @@ import pytest
 from conftest import CHAT, chat
 from seaking.lab.fault_upstream import Hang, Reset, Status, Stream
 from seaking.attempt_flows import describe_attempt
+from seaking.flows import upstream_server
 from seaking.flow_notes import describe_history, notes
 from seaking.records import AttemptRecord, FlowRecord
 from test_streaming import STREAM_CHAT, read_stream
 
 CLIENT_KEY = "sk-client-key-123456"
+UPSTREAM_KEY = "sk-upstream-key-7890abcdef"
 
 
 def record(flow) -> dict:
@@ -53,6 +55,18 @@ async def test_each_attempt_is_a_flow_with_what_was_sent_and_what_came_back(prox
     assert first.comment.startswith("attempt 1 of 3: 503 → retry (upstream answered 503")
     assert first.marked == ":arrow_right_hook:"
     assert len(upstream.received) == 3  # the attempt flows went through the addons, but none of them went upstream
+
+
+async def test_an_upstream_that_echoes_the_key_in_a_header_shows_it_scrubbed(proxy_factory, upstream, client):
+    proxy = await proxy_factory({"target_proxy": {"api_key": UPSTREAM_KEY}})
+    upstream.script("chat/completions", Status(401, headers={"X-Debug": f"rejected key {UPSTREAM_KEY}"}))
+    assert (await chat(client, proxy)).status == 401
+    [attempt] = attempts_of(proxy, proxy.flows[0])
+    assert attempt.response.headers["x-debug"] == "rejected key [redacted]"
+    assert proxy.flows[0].response.headers["x-debug"] == "rejected key [redacted]"  # what the client got, too
+    upstream.script("chat/completions", Stream(headers={"X-Debug": f"served with key {UPSTREAM_KEY}"}))
+    async with client.post(proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as streamed:
+        assert streamed.headers["x-debug"] == "served with key [redacted]" and b"[DONE]" in await streamed.read()
 
 
 async def test_failed_connections_are_the_attempt_flows_error(proxy_factory, upstream, client):
@@ -201,3 +215,15 @@ def test_an_attempt_flow_says_which_attempt_it_was_and_why_it_was_retried():
     summary = AttemptRecord.from_metadata({"label": "503", "verdict": "retry", "detail": "upstream answered 503", "wait_before": 0.42})
     assert describe_attempt(summary, 2, 4, "→ retry") == "attempt 2 of 4: 503 → retry (upstream answered 503) after waiting 0.4 s"
     assert describe_attempt(summary, 4, 4, "→ gave up").startswith("attempt 4 of 4: 503 → gave up (upstream answered 503)")
+
+
+@pytest.mark.parametrize(
+    ("url", "address", "sni"),
+    [
+        ("https://api.example/v1", ("api.example", 443), "api.example"),
+        ("http://127.0.0.1:8000/v1", ("127.0.0.1", 8000), None),
+    ],
+)
+def test_an_attempt_shows_the_upstream_it_went_to_as_mitmweb_shows_a_server(url, address, sni):
+    server = upstream_server(url)
+    assert (server.address, server.sni) == (address, sni)

@@ -24,6 +24,8 @@ def _connector_error(errno: int) -> aiohttp.ClientConnectorError:
         (aiohttp.ClientPayloadError("x"), Failure.NETWORK, "broke off"),
         (ConnectionResetError(104, "reset"), Failure.NETWORK, "network error"),
         (aiohttp.ClientResponseError(None, (), message="bad status line"), Failure.BROKEN, "bad status line"),
+        (aiohttp.ClientHttpProxyError(None, (), status=407, message="Proxy Authentication Required"), Failure.NETWORK,
+         "proxy answered 407 Proxy Authentication Required to CONNECT"),
     ],
 )
 def test_exceptions_are_retryable_network_failures(exc, failure, words):

@@ -3,11 +3,21 @@ several listeners, as the tests, the replay lab and the benchmarks start it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
 import socket
+import sys
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from seaking.lab import harness
+from seaking.lab.fault_upstream import Received, assistant_start
 from seaking.lab.harness import Mitmdump, MitmdumpFailed, free_ports, listeners
+
+ROOT = Path(__file__).parent.parent
 
 # As mitmdump 11.0.2 and 12.3.1 print them (the same words in both).
 MITMDUMP_LINES = """\
@@ -81,3 +91,41 @@ async def test_mitmdump_that_exits_while_starting_says_so_with_its_output():
 
 async def test_a_mitmdump_never_started_stops_as_nothing():
     assert await Mitmdump().stop() is None
+
+
+async def test_a_process_that_neither_listens_nor_stops_is_given_up_on_then_killed(monkeypatch):
+    """What the harness does with a mitmdump stuck before it listens and deaf to SIGINT: says so, then SIGKILL."""
+    monkeypatch.setattr(harness, "STOP_TIMEOUT", 0.5)
+    stuck = Mitmdump(addon=False)
+    stuck.args = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"]
+    with pytest.raises(MitmdumpFailed, match="did not start listening within 0.5 s"):
+        await stuck.start(timeout=0.5)
+    assert await stuck.stop() == -signal.SIGKILL
+
+
+async def test_the_fault_upstream_runs_as_a_process_until_sigint():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "seaking.lab.fault_upstream", "--port", "0", cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        [(label, port)] = listeners(line.decode()).items()
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/v1/models") as answer:
+            assert label == "fault upstream" and answer.status == 200 and (await answer.json())["data"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+@pytest.mark.parametrize(
+    ("messages", "start"),
+    [
+        ([{"role": "user", "content": "Hi"}], None),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once"}], "Once"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Once"}, "odd"]}], "Once"),
+        ([], None),
+    ],
+)
+def test_the_fault_upstream_knows_a_continuation_by_its_last_message(messages, start):
+    assert assistant_start(Received("POST", "/v1/chat/completions", {}, json.dumps({"messages": messages}).encode())) == start

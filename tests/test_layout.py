@@ -9,7 +9,10 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
+
 import addon
+from seaking.shared import Shared
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "seaking"
@@ -107,3 +110,8 @@ def test_the_lab_and_the_benchmarks_leave_sys_path_alone():
     assert (ROOT / "benchmarks" / "__init__.py").exists()
     scripts = [*LAB.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
     assert [p.name for p in scripts if uses_sys_path(p)] == []
+
+
+def test_an_addon_that_reads_the_config_before_settings_loaded_it_is_told_the_order():
+    with pytest.raises(RuntimeError, match="the Settings addon must come first"):
+        Shared().snapshot

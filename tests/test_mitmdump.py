@@ -73,6 +73,23 @@ async def test_a_missing_config_file_stops_start_up(mitmdump, upstream, tmp_path
     assert "seaking_config: cannot read" in proxy.output
 
 
+async def test_without_an_upstream_start_up_stops_and_says_how_to_give_one(mitmdump, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("targets: []\n")
+    proxy = mitmdump("--set", f"seaking_config={config}")  # mitmproxy's regular mode: no reverse target
+    assert await proxy.run_to_exit() != 0
+    assert "seaking-proxy needs an upstream: run mitmproxy with --mode reverse:<url>, or set target_proxy.url" in proxy.output
+
+
+async def test_a_proxy_environment_variable_it_cannot_use_stops_start_up(mitmdump, upstream, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("targets: []\n")
+    proxy = mitmdump("--mode", "reverse:https://api.example", "--set", f"seaking_config={config}",
+                     env={"HTTPS_PROXY": "socks4://p:1080"})
+    assert await proxy.run_to_exit() != 0
+    assert "https_proxy (HTTPS_PROXY): must be a http://" in proxy.output
+
+
 async def test_an_unreachable_target_still_gets_answers(mitmdump, client, tmp_path):
     # mitmproxy's default eager connection strategy would close the client connection with no answer at all.
     config = tmp_path / "config.yaml"

@@ -92,3 +92,22 @@ async def test_a_bug_in_the_stream_path_ends_the_stream_and_its_upstream_request
     assert read.ended_cleanly and read.errors[0]["code"] == "proxy_internal_error" and read.data[-1] == b"[DONE]"
     assert "RuntimeError: a bug mid-stream" in caplog.text
     await nothing_left_open(proxy, upstream)
+
+
+async def test_a_client_that_leaves_while_uploading_a_chunked_body_leaves_nothing_bound(proxy_factory, upstream):
+    """A chunked body binds its flow to the relay from its headers on, and mitmproxy connects there at once: a client
+    gone before its body ended takes the binding and the relay's waiting connection with it."""
+    proxy = await proxy_factory()
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n")
+    await writer.drain()
+    async with asyncio.timeout(5):
+        while not proxy.shared.relay.bound:
+            await asyncio.sleep(0.02)
+    writer.close()
+    async with asyncio.timeout(5):
+        while proxy.shared.relay.pending or proxy.shared.relay.bound:
+            await asyncio.sleep(0.02)
+    assert upstream.received == []

@@ -181,8 +181,7 @@ def test_the_clients_text_is_the_upstreams_whole_text_whatever_the_cut_and_the_s
         event = parse_event(raw)
         for out in splicer.splice(event, read(api, event)):
             client.sent(out, read(api, parse_event(out)))
-    for out in splicer.flush():
-        client.sent(out, read(api, parse_event(out)))
+    assert splicer.flush() == []  # the stream's own ending let go of what the seam held: the proxy flushes no more
     assert client.reply.text == whole
     assert client.ending(None) == (b"", None) or client.ending(None)[1] is None  # one whole, complete reply
 

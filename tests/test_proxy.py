@@ -20,7 +20,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHook as RequestHook
 
 from conftest import CHAT, call, chat, is_attempt
 from seaking.lab.fault_upstream import (
-    MODEL_IDS, REPLY_TEXT, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status,
+    MODEL_IDS, REPLY_TEXT, CutOff, Delayed, Empty, ErrorBody, Hang, Malformed, Reset, Status,
 )
 from seaking.upstream_run import UpstreamRun
 
@@ -92,7 +92,7 @@ async def test_fail_codes_fail_fast(proxy, upstream, client, code):
 
 
 @pytest.mark.parametrize(
-    "fault", [Reset(), Empty(), Malformed(), ErrorBody()], ids=["reset", "empty", "malformed", "error-object"]
+    "fault", [Reset(), CutOff(), Empty(), Malformed(), ErrorBody()], ids=["reset", "cut-off", "empty", "malformed", "error-object"]
 )
 async def test_network_and_broken_answers_are_retried(proxy, upstream, client, fault):
     upstream.script("chat/completions", fault, fault)
@@ -462,8 +462,15 @@ async def test_api_key_without_access_key_refuses_a_non_loopback_listener(proxy_
 async def test_a_loopback_listener_or_an_access_key_is_enough(proxy_factory):
     proxy = await proxy_factory({"target_proxy": {"api_key": UPSTREAM_KEY}})
     proxy.master.options.update(listen_host="::1")
+    proxy.master.options.update(listen_host="localhost")
     guarded = await proxy_factory({"target_proxy": {"api_key": UPSTREAM_KEY}, "server": {"access_key": "k" * 12}})
     guarded.master.options.update(listen_host="0.0.0.0")
+
+
+async def test_mitmproxy_connects_upstream_only_when_a_flow_asks_even_if_told_otherwise(proxy):
+    # Eager, an unreachable target would close every client connection before the pipeline could answer it.
+    proxy.master.options.update(connection_strategy="eager")
+    assert proxy.master.options.connection_strategy == "lazy"
 
 
 # --- 8. mitmweb ------------------------------------------------------------------------------------------------------
@@ -538,3 +545,5 @@ async def test_a_bug_in_the_exchange_gets_a_clear_error_not_mitmproxys_own_forwa
     assert (answer.status, answer.error["code"], answer.headers["x-should-retry"]) == (500, "proxy_internal_error", "false")
     assert upstream.received == []  # mitmproxy did not forward it
     assert "RuntimeError: a bug" in caplog.text
+    streamed = await call(client, "POST", proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True})
+    assert (streamed.status, streamed.error["code"]) == (500, "proxy_internal_error") and upstream.received == []

@@ -88,6 +88,14 @@ def test_models_cache_survives_a_new_instance(tmp_path):
     assert ModelListStore(path).get("http://other/v1/models") is None
 
 
+def test_the_model_ids_are_those_the_lists_name_whatever_a_hand_edited_file_holds(tmp_path):
+    path = tmp_path / "models.json"
+    lists = {"a": '{"data": [{"id": "m1"}, {"id": 2}, "m3"]}', "b": "not json", "c": "[1]", "d": '{"data": {"id": "m4"}}'}
+    path.write_text(json.dumps({url: {"body": body, "fetched_at": 1} for url, body in lists.items()}))
+    cache = ModelListStore(path)
+    assert cache.get("a") is not None and cache.model_ids() == {"m1"}
+
+
 def test_a_corrupt_cache_file_is_ignored_and_rewritten(tmp_path, caplog):
     path = tmp_path / "models.json"
     path.write_text("{not json")

@@ -15,7 +15,7 @@ from mitmproxy.test import tflow
 
 from conftest import chat
 from seaking.lab import replay
-from seaking.lab.fault_upstream import Status
+from seaking.lab.fault_upstream import Hang, Reset, Status, Stream
 from test_streaming import read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,23 @@ def test_a_recording_not_made_through_the_proxy_exits_2(tmp_path):
     assert status == 2 and "holds no flow that seaking-proxy sent upstream" in err
 
 
+@pytest.mark.parametrize(
+    ("config_text", "words"),
+    [
+        (None, "cannot read the config"),
+        ("[a, list]", "is not a mapping"),
+        ("{unclosed: [", "cannot read the config"),
+        ("error_handling: {max_retries: -1}", "error_handling.max_retries: must be at least 0"),  # the proxy refuses it
+    ],
+)
+def test_a_config_the_lab_cannot_use_exits_2_saying_why(tmp_path, config_text, words):
+    config = tmp_path / "config.yaml"
+    if config_text is not None:
+        config.write_text(config_text)
+    status, err = main_exit(FLOWS / "retry-503-twice.mitm", "--config", config)
+    assert status == 2 and words in err
+
+
 def test_a_recording_without_attempt_flows_exits_2(tmp_path):
     without = tmp_path / "without-attempts.mitm"
     with without.open("wb") as fh:
@@ -164,3 +181,27 @@ async def test_a_session_recorded_now_replays_though_first_time_answers_have_no_
     assert status == 0, out + err
     assert "3 of 3 requests agree" in out
     assert "replayed: 200 → 200" in out and "replayed: 503, 200 → 200" in out
+
+
+async def test_resets_timeouts_and_a_stall_replay_as_they_were_recorded(proxy_factory, upstream, client, tmp_path):
+    """Attempts that got no answer (a reset, a timeout) and a stream that went silent: the lab's upstream plays them
+    as they happened, and the proxy, configured as when it recorded them, makes the same of them."""
+    recording = tmp_path / "faults.mitm"
+    config = {
+        "target_proxy": {"url": upstream.url + "/v1", "timeout": 0.5},
+        "error_handling": {"hedge_on_timeout": False},
+        "streaming": {"idle_timeout": 0.5},
+    }
+    proxy = await proxy_factory(config, flow_list=False, save_stream_file=str(recording))
+    upstream.script("chat/completions", Reset())
+    assert (await chat(client, proxy)).status == 200
+    upstream.script("chat/completions", Hang())
+    assert (await chat(client, proxy)).status == 200
+    upstream.script("chat/completions", Stream(stall_after=2))
+    assert (await read_stream(client, proxy)).errors
+    await proxy.stop()
+    status, out, err = await run_replay(recording, "--config", proxy.config_path)
+    assert status == 0, out + err
+    assert "3 of 3 requests agree" in out
+    assert "replayed: network, 200 → 200" in out and "replayed: timeout, 200 → 200" in out
+    assert "replayed: 200 → 200, stream ended with stream_idle_timeout" in out

@@ -11,8 +11,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import call
 from seaking.lab.fault_upstream import Hang, MessageStream, PrefillRefused, Status, Stream, split_words
-from seaking.splice import Seam
+from seaking.dialects import ANTHROPIC, OPENAI
+from seaking.resume import Continuation, Prefill, why_not_continued
+from seaking.splice import Seam, splicer_for
+from seaking.sse import parse_event
+from seaking.streaming import Reply, read
 from test_anthropic import STREAM_MESSAGE, read_events
+from test_properties_stream import client_after, openai_chunk
 from test_streaming import STREAM_CHAT, read_stream
 
 REPLY = "The quick brown fox jumps over the lazy dog and runs far away into the woods"
@@ -122,6 +127,25 @@ async def test_a_restated_seam_is_not_doubled(proxy_factory, upstream, client):
     assert read.text == REPLY  # "brown fox jumps over" came twice from the upstream, once to the client
 
 
+async def test_a_continuation_that_ends_on_what_might_have_been_a_restatement_keeps_it(proxy_factory, upstream, client):
+    """' the cat sat' could begin a restatement of 'the cat sat on the mat' until the continuation ended right there
+    (no finish_reason, then [DONE]): then it was the reply's own last words."""
+    proxy = await proxy_factory(OPENAI_PREFILL)
+    first = split_words("Once upon a time the cat sat on the mat and more")
+    upstream.script("chat/completions", Stream(chunks=first, drop_after=len(first) - 2),
+                    Stream(chunks=split_words(" the cat sat"), finish_reason=None))
+    read = await read_stream(client, proxy)
+    assert read.text == "Once upon a time the cat sat on the mat the cat sat" and not read.errors
+
+
+async def test_a_spent_retry_budget_is_not_spent_further_on_a_continuation(proxy_factory, upstream, client):
+    proxy = await proxy_factory({**OPENAI_PREFILL, "retry_budget": {"percent": 0, "min_per_second": 0}})
+    upstream.script("chat/completions", Stream(chunks=WORDS, drop_after=3))
+    read = await read_stream(client, proxy)
+    assert [e["code"] for e in read.errors] == ["stream_interrupted"] and len(upstream.received) == 1
+    assert "not resumed after a drop at 15 chars (the retry budget is spent)" in proxy.flows[-1].comment
+
+
 async def test_prefix_mode_marks_the_message(proxy_factory, upstream, client):
     proxy = await proxy_factory({**OPENAI_PREFILL, "target_proxy": {"prefill": "prefix"}})
     upstream.script("chat/completions", Stream(chunks=WORDS, drop_after=3), Stream(chunks=WORDS))
@@ -211,6 +235,15 @@ async def test_a_refused_prefill_ends_cleanly_and_is_not_asked_again_until_a_rel
     assert (await read_events(client, proxy)).text == REPLY
 
 
+async def test_an_openai_compatible_target_that_refuses_the_prefill_ends_the_stream_as_before(proxy_factory, upstream, client):
+    proxy = await proxy_factory(OPENAI_PREFILL)
+    upstream.script("chat/completions", Stream(chunks=WORDS, drop_after=3), PrefillRefused())
+    read = await read_stream(client, proxy, STREAM_CHAT)
+    assert [e["code"] for e in read.errors] == ["stream_interrupted"] and read.data[-1] == b"[DONE]"
+    assert len(upstream.received) == 2
+    assert "not resumed after a drop at 15 chars (upstream answered 400)" in proxy.flows[-1].comment
+
+
 async def _until_reloaded(proxy) -> None:
     import asyncio
 
@@ -277,3 +310,70 @@ def test_whitespace_after_a_restatement_is_not_doubled_when_it_comes_in_the_next
     """Found by Hypothesis: the restated words ended one delta, the space after them began the next."""
     seam = Seam("000 0000 00000 000000 0 ", trimmed=False)
     assert seam.feed(" 00000 000000 0") == "" and seam.feed(" 0") + seam.flush() == "0"
+
+
+CHAT = {"messages": [{"role": "user", "content": "Go"}]}
+
+
+@pytest.mark.parametrize(
+    ("request_body", "reply", "why"),
+    [
+        ({"messages": []}, Reply(pieces=["Hi"]), "the request has no messages"),
+        ({"prompt": "Hi"}, Reply(pieces=["Hi"]), "the request has no messages"),
+        (CHAT, Reply(pieces=["Hi"], reasoning=True), "the reply had reasoning in it"),
+        ({**CHAT, "thinking": {"type": "enabled", "budget_tokens": 1024}}, Reply(pieces=["Hi"]), "extended thinking is on"),
+        (CHAT, Reply(pieces=[" \n"]), "no reply text had come yet"),
+        ({**CHAT, "thinking": {"type": "disabled"}}, Reply(pieces=["Hi"]), None),
+    ],
+)
+def test_why_a_reply_cannot_be_continued(request_body, reply, why):
+    assert why_not_continued(request_body, ANTHROPIC, reply) == why
+
+
+@pytest.mark.parametrize(
+    ("last_content", "api", "continued"),
+    [
+        # The last text part grows; parts that are not text stay as they were.
+        ([{"type": "image", "source": {}}, {"type": "text", "text": "Once "}], OPENAI,
+         [{"type": "image", "source": {}}, {"type": "text", "text": "Once upon a time "}]),
+        ([{"type": "image", "source": {}}], OPENAI, [{"type": "image", "source": {}}, {"type": "text", "text": "upon a time "}]),
+        # Claude refuses a prefill that ends in whitespace: its last text part is trimmed.
+        ([{"type": "text", "text": "Once "}], ANTHROPIC, [{"type": "text", "text": "Once upon a time"}]),
+    ],
+)
+def test_a_continuation_extends_a_prefill_made_of_parts(last_content, api, continued):
+    body = json.dumps({"messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "content": last_content}]})
+    document = json.loads(Continuation("upon a time ", generated=3).body(body.encode(), Prefill.ASSISTANT, api))
+    assert document["messages"][-1] == {"role": "assistant", "content": continued}
+
+
+def spliced(api, client_pieces: list[str], continuation: list[tuple[str | None, dict]]) -> tuple[str, list[dict]]:
+    """The client's reply text after a continuation's events went through the splicer, and what it was sent of them."""
+    client = client_after(api, client_pieces)
+    splicer, sent = splicer_for(api, client.reply), []
+    for name, data in continuation:
+        event = parse_event((f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n")
+        for out in splicer.splice(event, read(api, event)):
+            client.sent(out, read(api, parse_event(out)))
+            sent.append(json.loads(parse_event(out).data))
+    return client.reply.text, sent
+
+
+def test_text_held_at_the_seam_goes_out_before_what_ends_it():
+    """' on the' could begin a restatement of 'on the mat.' until something other than text comes: then it is the
+    reply's own, sent before that something (OpenAI's finish, Claude's citation delta or block stop)."""
+    text, sent = spliced(OPENAI, ["The cat sat on the mat."], [(None, openai_chunk(" on the")), (None, openai_chunk("", "stop"))])
+    assert text == "The cat sat on the mat. on the" and sent[-1]["choices"][0]["finish_reason"] == "stop"
+    citation = {"type": "content_block_delta", "index": 0, "delta": {"type": "citations_delta", "citation": {}}}
+    for ending in (citation, {"type": "content_block_stop", "index": 0}):
+        text, sent = spliced(ANTHROPIC, ["The cat sat on the mat."], [
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " on the"}}),
+            (ending["type"], ending),
+        ])
+        assert text == "The cat sat on the mat. on the" and sent[-1] == ending
+
+
+def test_a_chunk_in_a_shape_of_its_own_is_passed_on_as_the_clients():
+    [sent] = spliced(OPENAI, ["Once upon a time"], [(None, {"id": "x", "choices": ["not a choice"]})])[1]
+    assert sent["choices"] == ["not a choice"] and sent["id"] == openai_chunk("")["id"]

@@ -118,6 +118,39 @@ async def test_a_stream_kept_alive_with_heartbeats_ends_with_the_error_event(mit
     assert await exits(proxy) == 0
 
 
+async def test_a_stream_not_yet_answered_when_the_grace_ends_gets_the_503(mitmdump, upstream, client, tmp_path):
+    """Before its first heartbeat nothing is committed: the client gets the 503, as a request that is not a stream."""
+    proxy, url = await start_mitmdump(
+        mitmdump, upstream, tmp_path, server={"shutdown_grace": 0.3}, streaming={"heartbeat_interval": 30}
+    )
+    upstream.always("chat/completions", Hang())
+    answer = asyncio.create_task(call(client, "POST", url.url + "/v1/chat/completions", json=STREAM_CHAT))
+    await until(lambda: len(upstream.received) == 1)
+    proxy.process.send_signal(signal.SIGINT)
+    answer = await answer
+    assert (answer.status, answer.headers["content-type"], answer.error["code"]) == (503, "application/json", SHUTDOWN_CODE)
+    assert await exits(proxy) == 0
+
+
+async def test_a_continuation_still_coming_when_the_grace_ends_ends_the_stream_with_one_error_event(
+    mitmdump, upstream, client, tmp_path
+):
+    proxy, url = await start_mitmdump(
+        mitmdump, upstream, tmp_path, server={"shutdown_grace": 0.5},
+        target_proxy={"prefill": "assistant", "timeout": 30}, streaming={"heartbeat_interval": 0.2},
+    )
+    upstream.script("chat/completions", Stream(chunks=words(20), drop_after=5), Delayed(30, then=Stream(chunks=words(20))))
+    reading = asyncio.create_task(read_stream(client, url, timeout=30))
+    await until(lambda: len(upstream.received) == 2)  # the continuation was asked for
+    proxy.process.send_signal(signal.SIGINT)
+    signalled = time.monotonic()
+    read = await reading
+    assert time.monotonic() - signalled < 5  # at the end of the grace, not when the continuation would have come
+    assert read.text == "".join(words(20)[:5])
+    assert_ended_with_one_error(read, "stream_interrupted")  # what the client has is what broke off
+    assert await exits(proxy) == 0
+
+
 async def test_a_new_request_on_an_open_connection_is_refused_during_the_grace_period(mitmdump, upstream, client, tmp_path):
     proxy, url = await start_mitmdump(mitmdump, upstream, tmp_path, server={"shutdown_grace": 3})
     upstream.script("chat/completions", Stream(chunks=words(20), delay=0.1))

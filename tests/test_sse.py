@@ -245,3 +245,56 @@ def test_an_event_ended_by_cr_cr_at_the_very_end_of_a_stream_is_whole():
     [event] = framer.end()
     assert event.raw == b'event: ping\rdata: {"type": "ping"}\r\r' and event.name == "ping" and framer.end() == []
     assert SseFramer().end() == []
+
+
+def facts(api, document) -> dict:
+    """The facts an event's data gives, without its document: only the fields that differ from nothing."""
+    payload = document if isinstance(document, bytes) else json.dumps(document).encode()
+    return {k: v for k, v in vars(api.read_event(payload)).items() if k != "document" and v is not None and v is not False and v != ""}
+
+
+@pytest.mark.parametrize(
+    ("api", "document", "expected"),
+    [
+        (OPENAI, b"not json", {"content": True}),  # passed on as content, not judged
+        (OPENAI, {"choices": ["not a choice", {"delta": {"content": "Hi"}}]}, {"text": "Hi", "content": True}),
+        (OPENAI, {"choices": [{"index": 1, "delta": {"content": "B"}}]}, {"content": True, "other_choice": True}),
+        (OPENAI, {"choices": [{"delta": {"tool_calls": [{"id": "t"}]}}]}, {"content": True, "tool_call": True}),
+        (OPENAI, {"choices": [{"delta": {"reasoning_content": "hmm"}}]}, {"content": True, "reasoning": True}),
+        (OPENAI, {"choices": [{"delta": {"role": "assistant", "content": ""}}]}, {}),
+        (OPENAI, {"id": "x", "finish_reason": "stop", "choices": []}, {"finish": True}),
+        (OPENAI, {"something": "else"}, {"content": True}),  # a shape of its own
+        (ANTHROPIC, b"not json", {"content": True}),
+        (ANTHROPIC, {"type": "message_start", "message": {"id": "msg_1"}}, {}),  # no content list at all
+        (ANTHROPIC, {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t"}},
+         {"tool_call": True, "block": 1}),
+        (ANTHROPIC, {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{"}},
+         {"content": True, "tool_call": True, "block": 1}),
+        (ANTHROPIC, {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "so"}},
+         {"content": True, "reasoning": True, "block": 0}),
+        (ANTHROPIC, {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "so"}},
+         {"content": True, "reasoning": True, "block": 0}),
+        (ANTHROPIC, {"type": "content_block_stop", "index": 0}, {"block": 0, "block_closed": True}),
+    ],
+)
+def test_what_one_event_says(api, document, expected):
+    assert facts(api, document) == expected
+
+
+@pytest.mark.parametrize(
+    ("api", "document", "blank"),
+    [
+        (OPENAI, {"choices": [{"message": {"content": ""}}]}, True),
+        (OPENAI, {"choices": [{"message": {"content": "Hi"}}]}, False),
+        (OPENAI, {"choices": [{"text": "Hi"}]}, False),  # a text completion
+        (OPENAI, {"choices": [{"message": {"role": "assistant", "tool_calls": [{"id": "t"}]}}]}, False),
+        (OPENAI, {"choices": ["not a choice"]}, False),  # not ours to judge
+        (OPENAI, {"object": "list", "data": []}, False),  # not a completion
+        (ANTHROPIC, {"type": "message", "content": []}, True),
+        (ANTHROPIC, {"type": "message", "content": [{"type": "text", "text": ""}]}, True),
+        (ANTHROPIC, {"type": "message", "content": [{"type": "tool_use", "id": "t"}]}, False),
+        (ANTHROPIC, {"input_tokens": 12}, False),  # count_tokens
+    ],
+)
+def test_what_is_a_blank_reply(api, document, blank):
+    assert api.is_blank(document) is blank

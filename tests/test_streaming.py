@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from conftest import CHAT, call
 import seaking.relay as relay_module
@@ -131,13 +132,22 @@ async def test_failures_before_the_first_byte_are_retried_and_the_retry_streams_
     assert times[3] - times[0] > 0.2  # still chunk by chunk
 
 
-async def test_no_first_event_within_first_event_timeout_is_retried(proxy_factory, upstream, client):
-    proxy = await proxy_factory({"streaming": {"first_event_timeout": 0.3}})
-    upstream.script("chat/completions", Stream(stall_after=0))
+@pytest.mark.parametrize(
+    ("fault", "detail"),
+    [
+        (Stream(stall_after=0), "no first event from upstream within 0.3 s"),
+        (Stream(drop_after=0), "upstream broke off the stream before its first event"),
+    ],
+    ids=["silent", "broke off"],
+)
+async def test_no_first_event_within_first_event_timeout_is_retried(proxy_factory, upstream, client, fault, detail):
+    proxy = await proxy_factory({"streaming": {"first_event_timeout": 0.3}, "error_handling": {"hedge_on_timeout": False}})
+    upstream.script("chat/completions", fault)
     read = await read_stream(client, proxy)
     assert read.text == REPLY_TEXT
     assert len(upstream.received) == 2
     assert upstream.received[0].disconnected_at is not None  # the silent attempt was closed, not left open
+    assert proxy.flows[-1].metadata["seaking"]["attempts"][0]["detail"] == detail
 
 
 async def test_a_non_streaming_answer_to_a_stream_request_passes_as_received(proxy, upstream, client):
@@ -485,3 +495,25 @@ async def test_a_burst_of_a_thousand_streams_is_relayed_without_a_closed_connect
 @dataclass
 class Url:
     url: str
+
+
+
+async def test_a_last_event_ended_by_cr_cr_at_the_end_of_the_body_is_whole(proxy, upstream, client):
+    """CR CR is a blank line too: the [DONE] it ends is the stream's end, though no LF can follow at the end of the
+    body. The client gets the stream as sent, with nothing added (no second [DONE], no error event)."""
+    first = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}\r\r'
+    rest = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\r\rdata: [DONE]\r\r'
+
+    async def cr_cr_at_the_end(request, received):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        await asyncio.sleep(0.05)  # the rest in a read of its own
+        await response.write(rest)
+        await response.write_eof()
+        return response
+
+    upstream.script("chat/completions", cr_cr_at_the_end)
+    async with client.post(proxy.url + "/v1/chat/completions", json=STREAM_CHAT) as response:
+        assert await response.read() == first + rest
+    assert len(upstream.received) == 1 and proxy.flows[-1].metadata["seaking"].get("stream_error") is None

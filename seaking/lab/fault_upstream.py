@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import random
 import re
 import time
 from collections import deque
@@ -115,11 +114,21 @@ class Reset:
 class Hang:
     """Never answer (until the server stops)."""
 
-    seconds: float = 3600
+    async def __call__(self, request, received) -> web.StreamResponse:
+        return await asyncio.get_running_loop().create_future()  # never set: cancelled when the server stops
+
+
+@dataclass
+class CutOff:
+    """A non-streaming answer cut off: the headers and half the completion it announced, then the connection closes."""
 
     async def __call__(self, request, received) -> web.StreamResponse:
-        await asyncio.sleep(self.seconds)
-        return await Good()(request, received)
+        body = json.dumps(completion(REPLY_TEXT, "model-a")).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": str(len(body))})
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        request.transport.close()
+        raise asyncio.CancelledError  # nothing more may be written
 
 
 @dataclass
@@ -161,9 +170,10 @@ class Stream:
     tool_call: bool = False  # the chunks are a tool call's arguments, not text
     usage: bool = False  # a last chunk with usage (as with stream_options.include_usage)
     first_event_after: float = 0.0  # seconds between the response headers and the first event
+    headers: dict[str, str] = field(default_factory=dict)  # more response headers
 
     async def __call__(self, request, received) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache", **self.headers})
         await response.prepare(request)
         if self.error_first is not None:
             await response.write(sse({"error": {"message": self.error_first, "type": "server_error"}}))
@@ -295,19 +305,6 @@ class Delayed:
     async def __call__(self, request, received) -> web.StreamResponse:
         await asyncio.sleep(self.seconds)
         return await self.then(request, received)
-
-
-@dataclass
-class Sometimes:
-    """Answer as `fault` with probability `chance`, else normally: a flaky upstream for load tests."""
-
-    chance: float
-    fault: object
-    rng: random.Random = field(default_factory=lambda: random.Random(1234))
-
-    async def __call__(self, request, received) -> web.StreamResponse:
-        chosen = self.fault if self.rng.random() < self.chance else Good()
-        return await chosen(request, received)
 
 
 # --- OpenAI shapes -----------------------------------------------------------------------------------------------

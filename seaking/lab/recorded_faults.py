@@ -27,15 +27,13 @@ class LabFaults:
     name = "seaking.lab_faults"
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if LAB_HEADER not in flow.response.headers:
-            return  # not from the recording
+        # Every answer comes from the recording (server_replay_extra=kill), with its instructions.
         lab = json.loads(flow.response.headers.pop(LAB_HEADER))
         await asyncio.sleep(lab.get("delay", 0))
         fault = lab.get("fault")
-        if fault == "reset":
-            flow.kill()
-        elif fault == "hang":
+        if fault == "hang":
             await asyncio.sleep(HANG_SECONDS)
+        if fault in ("reset", "hang"):
             flow.kill()
         elif fault in ("drop", "stall"):
             flow.response.headers.pop("transfer-encoding", None)

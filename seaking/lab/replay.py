@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import yaml
 from mitmproxy import exceptions, http, io
 
 from seaking.attempt_flows import tells_something
+from seaking.config import ConfigError, parse_config
 from seaking.flow_notes import counted_runs, describe_resume
 from seaking.lab import recorded_faults
 from seaking.lab.harness import Mitmdump, MitmdumpFailed, free_ports
@@ -80,7 +82,7 @@ class Outcome:
         return cls(attempts, record.status, answered_by, record.stream_error, record.heartbeats, resumes)
 
     def describe(self, several_targets: bool, several_models: bool) -> str:
-        if not self.attempts:
+        if not self.attempts:  # pragma: no cover - only a request the replaying proxy never recorded (below)
             return f"no attempts → {self.status}"
         labels = [
             " ".join([label] + ([str(target)] if several_targets else []) + ([str(model)] if several_models else []))
@@ -212,6 +214,10 @@ def lab_config(config_path: Path | None, listeners: dict[str, str], primary: str
     config["server"] = {**(config.get("server") or {}), "access_key": None}
     config["models"] = {**(config.get("models") or {}), "cache_file": str(cache_file)}
     config["health_check"] = {**(config.get("health_check") or {}), "interval": 0}
+    try:
+        parse_config(config, environ=os.environ)  # here, where it can be said plainly: not as a replay that differs
+    except ConfigError as e:
+        raise RecordingUnusable(f"the config {config_path}: {e}") from None
     return config
 
 
@@ -279,7 +285,7 @@ async def replay(recording: Path, config_path: Path | None, workdir: Path, reque
         proxy_url = await proxy.start()
         await send_all(proxy_url, session.requests, request_timeout)
         await proxy.stop()
-    except MitmdumpFailed as e:
+    except MitmdumpFailed as e:  # pragma: no cover - mitmdump that cannot start at all: a broken installation
         raise RecordingUnusable(str(e)) from None
     finally:
         if proxy is not None:
@@ -292,7 +298,7 @@ async def replay(recording: Path, config_path: Path | None, workdir: Path, reque
     for index, request in enumerate(session.requests):
         if index < len(replayed):
             outcome = Outcome.of(FlowRecord.from_metadata(replayed[index].metadata.get(RECORD_KEY, {})), names)
-        else:
+        else:  # pragma: no cover - the replaying proxy lost a request: a difference to show, not the lab's error
             outcome = Outcome([], None)
         comparisons.append(Comparison(request, Outcome.of(request.record), outcome))
     return comparisons
@@ -314,8 +320,8 @@ async def send_all(proxy_url: str, requests: list[RecordedRequest], timeout: flo
                     recorded.method, proxy_url + request.path, headers=headers, data=recorded.raw_content or None
                 ) as response:
                     await response.read()
-            except (aiohttp.ClientError, TimeoutError):
-                pass  # what the proxy made of it is in its recording
+            except (aiohttp.ClientError, TimeoutError):  # pragma: no cover - the proxy's answer is in its recording
+                pass
 
 
 def report(comparisons: list[Comparison], out=sys.stdout) -> bool:
