@@ -283,21 +283,24 @@ class RetryBudget:
 
     def record_request(self) -> None:
         now = self.clock()
-        while self._requests and self._requests[0] <= now - self.WINDOW:  # try_spend prunes only when there are retries
-            self._requests.popleft()
+        self._forget_before(self._requests, now)  # not only in try_spend: without retries, it would never run
         self._requests.append(now)
 
     def try_spend(self) -> bool:
         """Take one retry from the budget if there is one left."""
         now = self.clock()
-        for times in (self._requests, self._retries):
-            while times and times[0] <= now - self.WINDOW:
-                times.popleft()
+        self._forget_before(self._requests, now)
+        self._forget_before(self._retries, now)
         allowed = max(self.min_per_second * self.WINDOW, self.percent / 100 * len(self._requests))
         if len(self._retries) >= allowed:
             return False
         self._retries.append(now)
         return True
+
+    def _forget_before(self, times: deque[float], now: float) -> None:
+        """Drops the times that have left the window."""
+        while times and times[0] <= now - self.WINDOW:
+            times.popleft()
 
 
 class stop_over_budget(stop_base):

@@ -61,13 +61,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -228,14 +226,8 @@ def main() -> None:
 def draw_plot(raw: dict, png: Path, litellm_python: Path) -> str:
     """Draws benchmarks/plot.py's PNG with whichever python has matplotlib: this one, or the LiteLLM venv's. The
     markdown that shows it, or a note saying why there is none (an old PNG is then removed: it would mislead)."""
-    plotting = os.environ.get("SEAKING_PLOT_PYTHON")  # a python with matplotlib, when the LiteLLM venv is not built
-    if plotting:
-        python = Path(plotting)
-    elif importlib.util.find_spec("matplotlib") is not None:
-        python = Path(sys.executable)
-    elif litellm_python.exists() and litellm_way_module.has_matplotlib(litellm_python):
-        python = litellm_python
-    else:
+    python = litellm_way_module.plotting_python(litellm_python)
+    if python is None:
         png.unlink(missing_ok=True)
         return ("No plot: matplotlib is not importable here nor in LiteLLM's venv "
                 "(`pip install -r benchmarks/requirements.txt` into a venv that runs bench.py).")

@@ -138,7 +138,7 @@ async def read_reply(session: aiohttp.ClientSession, url: str, case: str, kind: 
     return Result(kind, whole, time.monotonic() - started, ending)
 
 
-async def run(way: str, overrides: dict | None, cases: list[tuple[str, list]], workdir: Path) -> Run:
+async def run_way(way: str, overrides: dict | None, cases: list[tuple[str, list]], workdir: Path) -> Run:
     upstream = FaultyUpstream()
     await upstream.start()
     for number, (_, faults) in enumerate(cases):
@@ -202,12 +202,12 @@ async def rounds(count: int, seed: int, workdir: Path) -> dict:
     names = list(WAYS)
     for number in range(count):
         cases = mix(random.Random(seed + number))
-        fault_free = await run("fault-free", {}, [("good", [good()])] * len(cases), workdir)
+        fault_free = await run_way("fault-free", {}, [("good", [good()])] * len(cases), workdir)
         raw["fault-free (proxy, defaults)"].append(summary(fault_free, fault_free.p(95)))
         order = names[number % len(names):] + names[:number % len(names)]
         for way in order:
             print(f"round {number + 1}: {way} ...", flush=True)
-            result = await run(way, WAYS[way], cases, workdir)
+            result = await run_way(way, WAYS[way], cases, workdir)
             raw[way].append(summary(result, fault_free.p(95)))
             print(f"  {raw[way][-1]}", flush=True)
     return raw
@@ -221,7 +221,7 @@ async def idle_sweep(seed: int, workdir: Path) -> dict:
     found = {}
     for idle in (5, 10, 15, 20, 30):
         print(f"idle_timeout {idle} s ...", flush=True)
-        result = await run(f"idle {idle}", {"streaming": {"idle_timeout": idle}}, stalls, workdir)
+        result = await run_way(f"idle {idle}", {"streaming": {"idle_timeout": idle}}, stalls, workdir)
         found[str(idle)] = summary(result, None)
     return found
 
@@ -239,7 +239,7 @@ async def first_event_sweep(workdir: Path) -> dict:
             key = f"first_event_timeout {timeout} s, hedging {'on' if hedging else 'off'}"
             print(f"{key} ...", flush=True)
             overrides = {"streaming": {"first_event_timeout": timeout}, "error_handling": {"hedge_on_timeout": hedging}}
-            result = await run(key, overrides, cases, workdir)
+            result = await run_way(key, overrides, cases, workdir)
             found[key] = {kind: summary(Run(key, [r for r in result.results if r.kind == kind]), None)
                           for kind in dict(cases)}
     return found

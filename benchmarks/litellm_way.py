@@ -21,6 +21,7 @@ admin UI and the API docs are off; the proxy binds 127.0.0.1 only.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -141,6 +142,17 @@ def ensure_venv(progress=lambda message: None) -> tuple[Path, float]:
 def _pip_install(python: Path) -> None:
     _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet",
           "-r", str(REQUIREMENTS)], f"pip install -r {REQUIREMENTS}", INSTALL_TIMEOUT)
+
+
+def plotting_python(litellm_python: Path) -> Path | None:
+    """A Python that can import matplotlib, for the plots: SEAKING_PLOT_PYTHON, this one, or the LiteLLM venv's."""
+    if os.environ.get("SEAKING_PLOT_PYTHON"):
+        return Path(os.environ["SEAKING_PLOT_PYTHON"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        return Path(sys.executable)
+    if litellm_python.exists() and has_matplotlib(litellm_python):
+        return litellm_python
+    return None
 
 
 def has_matplotlib(python: Path) -> bool:

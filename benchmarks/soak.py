@@ -52,7 +52,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -68,6 +67,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 import aiohttp
 import yaml
@@ -75,8 +75,9 @@ import yaml
 from benchmarks import litellm_way
 from benchmarks.processes import Process, open_files, raise_open_files_limit, run, status_kib
 from benchmarks.report import git_revision, load_average
+from benchmarks.stats import percentile
 from benchmarks.soak_upstream import ANTHROPIC, OPENAI, Recipe, recipe
-from seaking.lab.harness import LISTENING, Mitmdump, free_ports
+from seaking.lab.harness import Mitmdump, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 MINUTE = 60.0
@@ -137,22 +138,17 @@ class WatchedMitmdump(Mitmdump):
         self.problems: list[dict] = []  # {"t", "line", "context"}
         self.reloads: list[float] = []
         self._context: dict | None = None  # the problem whose following lines are being kept
+        self._log: TextIO | None = None  # the log file, while the output is read
 
     async def _read_output(self) -> None:
-        with self.log_path.open("w") as log:
-            try:
-                while line := await self.process.stdout.readline():
-                    text = line.decode(errors="replace")
-                    log.write(text)
-                    if len(self.output) < self.KEPT:
-                        self.output += text
-                    self._scan(text.rstrip("\n"))
-                    if found := _listening(text):
-                        self.ports[found[0]] = found[1]
-                    self._read.set()
-            finally:
-                log.flush()
-                self._read.set()
+        with self.log_path.open("w") as self._log:
+            await super()._read_output()
+
+    def _line(self, text: str) -> None:
+        self._log.write(text)
+        self._scan(text.rstrip("\n"))
+        if len(self.output) < self.KEPT:  # start-up's lines, where the ports are said, are kept
+            super()._line(text)
 
     def _scan(self, text: str) -> None:
         now = self.clock()
@@ -163,11 +159,6 @@ class WatchedMitmdump(Mitmdump):
             self._context["context"].append(text[:300])
         if RELOADED.search(text):
             self.reloads.append(round(now, 1))
-
-
-def _listening(text: str) -> tuple[str, int] | None:
-    found = LISTENING.search(text)
-    return (found["mode"], int(found["port"])) if found else None
 
 
 # --- the upstreams ---------------------------------------------------------------------------------------------------
@@ -242,7 +233,8 @@ class Outcome:
 
 
 class Sse:
-    """Server-sent events from lines: (event name, data) each; comments (heartbeats) skipped."""
+    """Server-sent events from lines: (event name, data) each; comments (heartbeats) skipped. The soak's own reader,
+    not seaking/sse.py's framer: a checker must not share the code it checks."""
 
     def __init__(self) -> None:
         self.name: str | None = None
@@ -507,20 +499,13 @@ async def client_loop(run: Run, number: int, session: aiohttp.ClientSession, bas
         await asyncio.sleep(rng.uniform(*PAUSE))
 
 
-def threads(pid: int) -> int | None:
-    """The process's threads (glibc gives each thread that allocates an arena of its own)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    return None
-
-
 async def sampler(run: Run, pid: int) -> None:
     while True:
         rss = status_kib(pid, "VmRSS")
         if rss is not None:
-            run.samples.append((round(run.clock(), 1), round(rss / 1024, 1), open_files(pid), threads(pid)))
+            run.samples.append((round(run.clock(), 1), round(rss / 1024, 1), open_files(pid),
+                                # Threads: glibc gives each thread that allocates an arena of its own.
+                                status_kib(pid, "Threads")))
         await asyncio.sleep(SAMPLE_EVERY)
 
 
@@ -582,7 +567,6 @@ async def soak(run: Run, workdir: Path) -> dict:
             "problems": proxy.problems,
             "problems_at_stop": len(proxy.problems) - problems_before_stop,
             "reloads": proxy.reloads,
-            "hang_after_s": limit,
             "before": {"rss_mib": run.samples[0][1], "open_files": run.samples[0][2]} if run.samples else None,
             "idle_after": {"rss_mib": idle[-1][1], "open_files": idle[-1][2]} if idle else None,
         }
@@ -622,7 +606,7 @@ def summarise(run: Run, found: dict, environment: dict) -> dict:
         samples = [s for s in run.samples if low <= s[0] < high]
         last = minute == run.minutes - 1
         problems = [p for p in found["problems"] if low <= p["t"] < high or (last and p["t"] >= high)]
-        whole_seconds = sorted(o.seconds for o in outcomes if o.result == "whole")
+        whole_seconds = [o.seconds for o in outcomes if o.result == "whole"]
         minutes.append({
             "minute": minute + 1,
             "requests": len(outcomes),
@@ -675,9 +659,8 @@ def summarise(run: Run, found: dict, environment: dict) -> dict:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))], 2)
+    found = percentile(values, q)
+    return None if found is None else round(found, 2)
 
 
 def _verdict(minutes: list[dict], totals: Counter, found: dict) -> dict:
@@ -813,20 +796,8 @@ def _num(value) -> str:
     return f"{value:g}" if isinstance(value, int) or value == int(value) else f"{value:.1f}"
 
 
-def plotting_python() -> Path | None:
-    """A Python that can import matplotlib: SEAKING_PLOT_PYTHON, this one, or the benchmark's LiteLLM venv's."""
-    if os.environ.get("SEAKING_PLOT_PYTHON"):
-        return Path(os.environ["SEAKING_PLOT_PYTHON"])
-    if importlib.util.find_spec("matplotlib") is not None:
-        return Path(sys.executable)
-    venv_python = litellm_way.venv_python(litellm_way.venv_dir())
-    if venv_python.exists() and litellm_way.has_matplotlib(venv_python):
-        return venv_python
-    return None
-
-
 def draw_plot(data_path: Path, png: Path) -> str:
-    python = plotting_python()
+    python = litellm_way.plotting_python(litellm_way.venv_python(litellm_way.venv_dir()))
     if python is None:
         return ("No plot: matplotlib is not importable here nor in the benchmark's LiteLLM venv (set "
                 "SEAKING_PLOT_PYTHON to a Python that has it).")

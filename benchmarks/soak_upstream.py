@@ -375,22 +375,14 @@ def recipe(case: str) -> Recipe:
 # --- the server --------------------------------------------------------------------------------------------------
 
 
-class _NotKept(list):
-    """FaultyUpstream records every request for tests; a soak sends hundreds of thousands and never reads them."""
-
-    def append(self, item) -> None:
-        pass
-
-
 class SoakUpstream(FaultyUpstream):
     """Answers each request as its case's recipe says (requests without a case, e.g. health checks: normally)."""
 
     REMEMBERED = 50_000  # cases whose request count is kept (the oldest are forgotten)
 
     def __init__(self, trace: bool = False) -> None:
-        super().__init__()
+        super().__init__(keep_received=False)  # a soak sends hundreds of thousands, and never reads them
         self.trace = trace  # a line per request of a case: which request of it, and the answer's kind
-        self.received = _NotKept()
         self._seen: OrderedDict[str, int] = OrderedDict()
 
     def _fault_for(self, path: str, case: str | None):

@@ -194,6 +194,7 @@ def _stream_ending(client: FlowRecord, attempt: Attempt, later: list[Attempt]) -
         return _StreamEnding(resume.after, resume.at_chars, at, then)
     return _StreamEnding(client.stream_error, client.reply_chars or 0, time.time())
 
+
 def _what_came_next(client: FlowRecord, summaries: list[AttemptRecord], number: int) -> str:
     """How the request went on after this attempt: another try, another target or model, or how it ended."""
     this = summaries[number - 1]

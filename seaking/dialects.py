@@ -154,8 +154,7 @@ class OpenAIDialect(Dialect):
             text += pieces
             tool_call, reasoning = tool_call or calls, reasoning or thinks
         finish = finish or bool(document.get("finish_reason"))  # where a few upstreams put it
-        usage = document.get("usage")
-        if not isinstance(choices, list) and usage is None:
+        if not isinstance(choices, list) and document.get("usage") is None:
             content = True  # a shape of its own: passed on as content, not judged
         return EventFacts(
             document,
@@ -165,7 +164,7 @@ class OpenAIDialect(Dialect):
             reasoning=reasoning,
             other_choice=other_choice,
             finish=finish,
-            usage=_openai_usage(usage) if isinstance(usage, dict) else None,
+            usage=self.usage_of(document),
         )
 
     def usage_of(self, document: object) -> Usage | None:
@@ -241,12 +240,9 @@ class AnthropicDialect(Dialect):
             return EventFacts(document)
         if kind == "message_start":
             message = document.get("message") if isinstance(document.get("message"), dict) else {}
-            usage = message.get("usage")
             text = _text_of(message.get("content"))
-            return EventFacts(
-                document, text=text, content=_has_text(message.get("content")),
-                usage=_anthropic_usage(usage) if isinstance(usage, dict) else None,
-            )
+            content = _has_text(message.get("content"))
+            return EventFacts(document, text=text, content=content, usage=self.usage_of(message))
         index = document.get("index") if isinstance(document.get("index"), int) else None
         if kind == "content_block_start":
             block = document.get("content_block") if isinstance(document.get("content_block"), dict) else {}
@@ -265,12 +261,8 @@ class AnthropicDialect(Dialect):
         if kind == "message_delta":
             # A stop_reason finishes the reply; clients still wait for message_stop, which the proxy sends itself
             # if the stream ends without it (Dialect.end_after_finish).
-            usage = document.get("usage")
             delta = document.get("delta") if isinstance(document.get("delta"), dict) else {}
-            return EventFacts(
-                document, usage=_anthropic_usage(usage) if isinstance(usage, dict) else None,
-                finish=bool(delta.get("stop_reason")),
-            )
+            return EventFacts(document, usage=self.usage_of(document), finish=bool(delta.get("stop_reason")))
         return EventFacts(document, content=True)  # event types Anthropic may add
 
     def usage_of(self, document: object) -> Usage | None:

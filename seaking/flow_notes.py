@@ -21,6 +21,7 @@ from mitmproxy import http
 from seaking.flows import is_client_flow
 from seaking.records import AnsweredBy, AttemptRecord, FlowRecord, ResumeOutcome, ResumeRecord
 from seaking.shutdown import SHUTDOWN_CODE
+from seaking.streaming import CONTINUED_AFTER
 
 if TYPE_CHECKING:
     from seaking.records import Records
@@ -36,13 +37,6 @@ STREAM_PROBLEMS = {
     "stream_incomplete": "ended early",
     "stream_upstream_error": "ended with an upstream error",
     SHUTDOWN_CODE: "was cut off by the shutdown",
-}
-# What broke a stream that was then continued (or not), by the same codes.
-BREAKS = {
-    "stream_interrupted": "a drop",
-    "stream_idle_timeout": "a stall",
-    "stream_incomplete": "an early end",
-    "stream_upstream_error": "an upstream error",
 }
 
 
@@ -108,7 +102,8 @@ def notes(record: FlowRecord) -> tuple[str, str]:
 
 def describe_resume(resume: ResumeRecord) -> str:
     """'resumed after a drop at 412 chars', 'not resumed after a stall at 80 chars (the reply had tool calls)'."""
-    where = f"after {BREAKS.get(resume.after, resume.after)} at {resume.at_chars:,} char{'' if resume.at_chars == 1 else 's'}"
+    broke = CONTINUED_AFTER.get(resume.after, resume.after)
+    where = f"after {broke} at {resume.at_chars:,} char{'' if resume.at_chars == 1 else 's'}"
     if resume.outcome is ResumeOutcome.CONTINUED:
         return f"resumed {where}"
     why = {ResumeOutcome.REFUSED: "the upstream refused the prefill", ResumeOutcome.FAILED: "its continuation failed"}

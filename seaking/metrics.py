@@ -149,12 +149,10 @@ class Metrics:
             if record.stopped is StopReason.BUDGET:
                 self.budget_refusals.inc()
 
-
     def _count_tokens(self, record: FlowRecord) -> None:
         if record.tokens is None or not self.shared.loaded:
             return
         snapshot = self.shared.snapshot
-        targets = {t.host: t for t in snapshot.failover.targets}
         for attempt in record.attempts:
             prompt, completion = attempt.prompt_tokens or 0, attempt.completion_tokens or 0
             if not (prompt or completion):
@@ -162,7 +160,7 @@ class Metrics:
             model = snapshot.model_label(attempt.model)
             self.tokens.labels("prompt", attempt.target or "none", model).inc(prompt)
             self.tokens.labels("completion", attempt.target or "none", model).inc(completion)
-            target = targets.get(attempt.target)
+            target = snapshot.targets_by_host.get(attempt.target)
             if target is not None:
                 target.prompt_tokens += prompt
                 target.completion_tokens += completion

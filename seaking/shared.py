@@ -13,6 +13,7 @@ from seaking.records import Records
 from seaking.redaction import Redaction
 from seaking.relay import Relay
 from seaking.shutdown import ShutdownSignal
+from seaking.targets import Target
 from seaking.upstream_run import Failover
 
 
@@ -41,6 +42,11 @@ class Snapshot:
         if model and (model in self.named_models or model in self.models.model_ids()):
             return model
         return "other"
+
+    @functools.cached_property
+    def targets_by_host(self) -> dict[str, Target]:
+        """The targets by host:port, as the records name them."""
+        return {t.host: t for t in self.failover.targets}
 
     @functools.cached_property
     def secrets(self) -> frozenset[str]:

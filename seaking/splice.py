@@ -100,7 +100,6 @@ class Splicer(abc.ABC):
     """Turns a continuation's events into the events the client's stream goes on with."""
 
     def __init__(self, api: Dialect, client: Reply) -> None:
-        self.api = api
         self.client = client  # what the client has been sent (read when the splice starts)
         self.seam = Seam(client.text, trimmed=api is ANTHROPIC)  # as resume.Continuation sends it
         self.tokens_before = client.tokens_generated()

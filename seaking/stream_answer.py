@@ -35,7 +35,7 @@ from seaking.resume import Continuation, why_not_continued
 from seaking.shutdown import ShutdownSignal
 from seaking.splice import Splicer, splicer_for
 from seaking.sse import parse_event
-from seaking.streaming import ClientStream, Pipe, UpstreamStream, read, stream_incomplete
+from seaking.streaming import CONTINUED_AFTER, ClientStream, Pipe, UpstreamStream, read, stream_incomplete
 from seaking.upstream_run import UpstreamResult
 
 if TYPE_CHECKING:
@@ -44,13 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("seaking")
 
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")]
-# The breaks a reply is continued after. Not the shutdown's: the proxy is stopping.
-CONTINUED_AFTER = {
-    "stream_interrupted": "a drop",
-    "stream_idle_timeout": "a stall",
-    "stream_incomplete": "an early end",
-    "stream_upstream_error": "an upstream error",
-}
 PREFILL_REFUSED = (400, 422)  # how an upstream refuses a continuation request it cannot take
 
 

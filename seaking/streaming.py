@@ -31,6 +31,16 @@ def is_event_stream(content_type: str) -> bool:
     return content_type.lower().startswith("text/event-stream")
 
 
+# The breaks after content a reply is continued after (stream_answer.py), in words (flow_notes.py). Not the
+# shutdown's: the proxy is stopping.
+CONTINUED_AFTER = {
+    "stream_interrupted": "a drop",
+    "stream_idle_timeout": "a stall",
+    "stream_incomplete": "an early end",
+    "stream_upstream_error": "an upstream error",
+}
+
+
 def stream_interrupted() -> ProxyError:
     return ProxyError(
         502, "Upstream connection dropped in the middle of the stream; the reply is incomplete.", "stream_interrupted"
@@ -125,11 +135,9 @@ class ClientStream:
     def __init__(self, api: Dialect) -> None:
         self.api = api
         self.reply = Reply()
-        self.bytes_sent = 0
 
     def sent(self, raw: bytes, facts: EventFacts) -> bytes:
         self.reply.add(facts)
-        self.bytes_sent += len(raw)
         return raw
 
     def ending(self, problem: ProxyError | None) -> tuple[bytes, ProxyError | None]:
@@ -303,7 +311,7 @@ class Pipe:
         self.problem: ProxyError | None = None
 
     async def __aiter__(self) -> AsyncIterator[tuple[SseEvent, EventFacts]]:
-        stream, api = self.stream, self.stream.api
+        stream = self.stream
         watchdog = IdleWatchdog(stream, self.idle_timeout)
         content = stream.response.content
         stopped_by: ProxyError | None = None

@@ -8,10 +8,9 @@ import asyncio
 
 import aiohttp
 import pytest
-import yaml
 
-from conftest import FAST_POLICY, merge
 from seaking.lab.fault_upstream import Delayed, Stream, split_words
+from test_shutdown import start_mitmdump
 from test_streaming import STREAM_CHAT
 
 WORDS = split_words(" ".join(f"w{i}" for i in range(400)))
@@ -45,16 +44,12 @@ CASES = {
 @pytest.mark.parametrize("where", list(CASES))
 async def test_a_client_leaving_anywhere_leaves_no_traceback(mitmdump, upstream, tmp_path, where):
     fault, lines, timeout = CASES[where]
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(merge(FAST_POLICY, CONFIG)))
-    proxy = mitmdump("--mode", f"reverse:{upstream.url}", "--set", f"seaking_config={config}")
-    url = await proxy.start()
-    for _ in range(6):
-        upstream.script("chat/completions", fault(), Delayed(2.0, then=Stream(chunks=WORDS)))  # a slow continuation
-    if lines == 0:
-        await asyncio.gather(*(leave_after(url, 0, timeout=timeout) for _ in range(6)))
-    else:
-        await asyncio.gather(*(leave_after(url, lines) for _ in range(6)))
+    proxy, started = await start_mitmdump(mitmdump, upstream, tmp_path, **CONFIG)
+    url = started.url
+    # The six requests get a fault each; a continuation, after them, is slow.
+    slow_continuations = [Delayed(2.0, then=Stream(chunks=WORDS)) for _ in range(6)]
+    upstream.script("chat/completions", *(fault() for _ in range(6)), *slow_continuations)
+    await asyncio.gather(*(leave_after(url, lines, timeout=timeout) for _ in range(6)))
     async with asyncio.timeout(5):
         while upstream.open_requests:  # each upstream request is let go as its client leaves
             await asyncio.sleep(0.05)

@@ -11,7 +11,7 @@ from conftest import chat
 from seaking.lab.fault_upstream import REPLY_TEXT, Delayed, Hang, Stream
 from test_streaming import read_stream
 
-SLOW_FIRST = {"target_proxy": {"timeout": 1}, "error_handling": {"base_delay": 0.01, "max_delay": 0.05}}
+SLOW_FIRST = {"target_proxy": {"timeout": 1}}  # conftest's FAST_POLICY has the short back-off
 
 
 async def until_disconnected(upstream, count: int) -> None:

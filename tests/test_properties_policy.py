@@ -12,14 +12,12 @@ import json
 import math
 import sys
 import types
-from dataclasses import dataclass
 from unittest import mock
 
 import pytest
 import tenacity
 from hypothesis import given
 from hypothesis import strategies as st
-from tenacity import RetryCallState
 
 import retry_policy
 from retry_policy import (
@@ -37,6 +35,7 @@ from retry_policy import (
     wait_none_after,
     wait_unless,
 )
+from test_retry_policy import FakeAttempt, state_after
 
 # Policies as config.py makes them: codes 100-599, retried and failed ones apart, base_delay <= max_delay.
 code_sets = st.lists(st.integers(100, 599), max_size=12, unique=True).flatmap(
@@ -184,20 +183,6 @@ def test_retry_after_dates_in_every_form(instant, form):
 
 
 # Waits.
-
-
-def state_after(attempt_number: int, attempt) -> RetryCallState:
-    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-    state.attempt_number = attempt_number
-    state.set_result(attempt)
-    return state
-
-
-@dataclass
-class FakeAttempt:
-    classification: Classification
-    retry_after: float | None = None
-    hedged: bool = False
 
 
 RETRY = Classification(Verdict.RETRY, "503", Failure.STATUS)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import call
 from seaking.lab.fault_upstream import Hang, MessageStream, PrefillRefused, Status, Stream, split_words
 from seaking.dialects import ANTHROPIC, OPENAI
 from seaking.resume import Continuation, Prefill, why_not_continued
@@ -17,7 +15,9 @@ from seaking.splice import Seam, splicer_for
 from seaking.sse import parse_event
 from seaking.streaming import Reply, read
 from test_anthropic import STREAM_MESSAGE, read_events
-from test_properties_stream import client_after, openai_chunk
+from test_metrics import scrape
+from test_properties_stream import client_after, openai_chunk, written
+from test_reload import until
 from test_streaming import STREAM_CHAT, read_stream
 
 REPLY = "The quick brown fox jumps over the lazy dog and runs far away into the woods"
@@ -245,12 +245,8 @@ async def test_an_openai_compatible_target_that_refuses_the_prefill_ends_the_str
 
 
 async def _until_reloaded(proxy) -> None:
-    import asyncio
-
     before = proxy.shared.snapshot
-    async with asyncio.timeout(5):
-        while proxy.shared.snapshot is before:
-            await asyncio.sleep(0.05)
+    await until(lambda: proxy.shared.snapshot is not before)
 
 
 async def test_a_continuation_that_fails_ends_the_stream_as_before_with_heartbeats_meanwhile(
@@ -282,19 +278,13 @@ async def test_a_resumed_stream_shows_in_its_flow_attempt_flows_and_metrics(prox
     assert broke.comment.startswith("attempt 1 of 2: 200, stream broke after 15 chars in ") and "→ resumed" in broke.comment
     assert broke.error.msg.startswith("upstream connection dropped in the middle of the stream")
     assert went_on.comment.startswith("attempt 2 of 2 (continuation 1): 200 → success")
-    assert continuation_of(_received_as(went_on))["content"] == "".join(WORDS[:3])
+    assert json.loads(went_on.request.content)["messages"][-1] == {"role": "assistant", "content": "".join(WORDS[:3])}
     assert flow.metadata["seaking"]["resumes"] == [{"after": "stream_interrupted", "at_chars": 15, "outcome": "continued"}]
-    page = (await call(client, "GET", proxy.url + "/_seaking/metrics")).body.decode()
-    [resumes] = [f for f in text_string_to_metric_families(page) if f.name == "seaking_stream_resumes"]
-    assert {(s.labels["outcome"], s.value) for s in resumes.samples if s.name.endswith("_total")} == {("continued", 1.0)}
-
-
-def _received_as(flow):
-    class Sent:
-        def json(self):
-            return json.loads(flow.request.content)
-
-    return Sent()
+    samples = await scrape(client, proxy)
+    resumes = {
+        dict(labels)["outcome"]: value for (name, labels), value in samples.items() if name == "seaking_stream_resumes_total"
+    }
+    assert resumes == {"continued": 1.0}
 
 
 def test_an_untrimmed_prefills_whitespace_is_the_continuations_own():
@@ -352,7 +342,7 @@ def spliced(api, client_pieces: list[str], continuation: list[tuple[str | None, 
     client = client_after(api, client_pieces)
     splicer, sent = splicer_for(api, client.reply), []
     for name, data in continuation:
-        event = parse_event((f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n")
+        event = parse_event(written(name, data))
         for out in splicer.splice(event, read(api, event)):
             client.sent(out, read(api, parse_event(out)))
             sent.append(json.loads(parse_event(out).data))

@@ -125,13 +125,14 @@ def test_retry_after_http_date():
 class FakeAttempt:
     classification: Classification
     retry_after: float | None = None
+    hedged: bool = False
 
 
 RETRY = FakeAttempt(Classification(Verdict.RETRY, "503", Failure.STATUS))
 OK = FakeAttempt(Classification(Verdict.SUCCESS))
 
 
-def _state_after(attempt_number: int, attempt) -> RetryCallState:
+def state_after(attempt_number: int, attempt) -> RetryCallState:
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
     state.attempt_number = attempt_number
     state.set_result(attempt)
@@ -141,7 +142,7 @@ def _state_after(attempt_number: int, attempt) -> RetryCallState:
 def test_backoff_is_jittered_exponential_capped_at_max_delay():
     wait = backoff(RetryPolicy(base_delay=1, backoff=3, max_delay=20))
     for attempt_number, ceiling in [(1, 1), (2, 3), (3, 9), (4, 20), (9, 20), (5000, 20)]:
-        waits = [wait(_state_after(attempt_number, RETRY)) for _ in range(300)]
+        waits = [wait(state_after(attempt_number, RETRY)) for _ in range(300)]
         assert all(0 <= w <= ceiling for w in waits)
         assert max(waits) > ceiling * 0.8  # full jitter reaches towards the ceiling
         assert min(waits) < ceiling * 0.2  # ... and down towards zero
@@ -149,16 +150,16 @@ def test_backoff_is_jittered_exponential_capped_at_max_delay():
 
 def test_backoff_counts_rounds_when_told():
     wait = backoff(RetryPolicy(base_delay=1, backoff=10, max_delay=1000), rounds=lambda state: 1)
-    assert all(wait(_state_after(7, RETRY)) <= 1 for _ in range(100))
+    assert all(wait(state_after(7, RETRY)) <= 1 for _ in range(100))
 
 
 def test_retry_after_replaces_the_backoff():
-    assert backoff(POLICY)(_state_after(1, FakeAttempt(RETRY.classification, retry_after=45.0))) == 45.0
+    assert backoff(POLICY)(state_after(1, FakeAttempt(RETRY.classification, retry_after=45.0))) == 45.0
 
 
 def test_no_wait_while_another_target_is_left():
     wait = wait_unless(lambda: True, backoff(POLICY))
-    assert wait(_state_after(3, FakeAttempt(RETRY.classification, retry_after=45.0))) == 0
+    assert wait(state_after(3, FakeAttempt(RETRY.classification, retry_after=45.0))) == 0
 
 
 def scripted(*attempts):

@@ -8,10 +8,8 @@ from seaking.attempt import UpstreamRequest
 from seaking.lab.fault_upstream import MessageStream, Stream
 from seaking.upstream_run import UpstreamRun
 from test_anthropic import STREAM_MESSAGE, read_events
-from test_resume import OPENAI_PREFILL, REPLY, WORDS, assert_one_ordinary_claude_reply, assert_one_ordinary_openai_reply
+from test_resume import CLAUDE, OPENAI_PREFILL, REPLY, WORDS, assert_one_ordinary_claude_reply, assert_one_ordinary_openai_reply
 from test_streaming import STREAM_CHAT, read_stream
-
-CLAUDE = {"streaming": {"idle_timeout": 0.4}}
 
 
 async def test_a_claude_stream_cut_after_its_message_delta_is_one_ordinary_reply(proxy_factory, upstream, client):

@@ -4,18 +4,19 @@ the model label bounded to models the upstream listed or the config names."""
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import CHAT, call, chat
 from seaking.lab.fault_upstream import MessageStream, Stream
 from test_anthropic import MESSAGE, messages, read_events
+from test_metrics import scrape
 from test_streaming import STREAM_CHAT, read_stream
 
 
 async def tokens(client, proxy) -> dict[tuple[str, str, str], float]:
-    page = (await call(client, "GET", proxy.url + "/_seaking/metrics")).body.decode()
-    [family] = [f for f in text_string_to_metric_families(page) if f.name == "seaking_tokens"]
-    return {(s.labels["kind"], s.labels["target"], s.labels["model"]): s.value for s in family.samples if s.name.endswith("_total")}
+    samples = await scrape(client, proxy)
+    return {
+        (found["kind"], found["target"], found["model"]): value
+        for (name, labels), value in samples.items() if name == "seaking_tokens_total" for found in [dict(labels)]
+    }
 
 
 async def test_tokens_of_json_and_streams_both_apis(proxy_factory, upstream, client):

@@ -444,7 +444,8 @@ def _json_or_empty(body: bytes) -> dict:
 
 
 class FaultyUpstream:
-    def __init__(self) -> None:
+    def __init__(self, keep_received: bool = True) -> None:
+        self.keep_received = keep_received  # every request in `received`, for tests to read
         self.received: list[Received] = []
         self._scripts: dict[str, deque] = {}
         self._always: dict[str, object] = {}
@@ -492,7 +493,8 @@ class FaultyUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         received = Received(request.method, request.path_qs, dict(request.headers), await request.read())
-        self.received.append(received)
+        if self.keep_received:
+            self.received.append(received)
         try:
             answer = await self._fault_for(request.path, _case_of(received))(request, received)
         except (asyncio.CancelledError, ConnectionResetError):

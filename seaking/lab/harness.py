@@ -121,13 +121,16 @@ class Mitmdump:
     async def _read_output(self) -> None:
         try:
             while line := await self.process.stdout.readline():
-                text = line.decode(errors="replace")
-                self.output += text
-                if found := LISTENING.search(text):
-                    self.ports[found["mode"]] = int(found["port"])
+                self._line(line.decode(errors="replace"))
                 self._read.set()
         finally:
             self._read.set()
+
+    def _line(self, text: str) -> None:
+        """One line of its output: kept, and read for a port it listens on."""
+        self.output += text
+        if found := LISTENING.search(text):
+            self.ports[found["mode"]] = int(found["port"])
 
     async def start(self, listeners: int = 1, timeout: float = START_TIMEOUT) -> str:
         """Start it and wait until `listeners` proxy servers listen; the first one's URL. MitmdumpFailed, with the
